@@ -1,0 +1,127 @@
+"""TextClassifier: a model, its tokenizer and its labels; the user-facing `jaxclf.load` / `jaxclf.create`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tokenizers import Tokenizer
+
+from jaxclf import model_dir, tokenizer as tokenization, weights
+from jaxclf.config import ModelConfig
+from jaxclf.model import TransformerClassifier, create_model
+
+
+def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """Padded lengths used for inference: powers of two from `smallest`, capped by max_length."""
+    buckets, n = [], smallest
+    while n < max_length:
+        buckets.append(n)
+        n *= 2
+    buckets.append(max_length)
+    return tuple(buckets)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} is longer than the largest bucket {buckets[-1]}")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def predictions(logits: np.ndarray, labels: Sequence[str]) -> list[dict[str, Any]]:
+    """Per text: {"label", "confidence", "probabilities": {label: p}} from (N, C) logits."""
+    probs = softmax(np.asarray(logits, dtype=np.float64))
+    out = []
+    for p in probs:
+        k = int(p.argmax())
+        out.append({"label": labels[k], "confidence": float(p[k]),
+                    "probabilities": {label: float(x) for label, x in zip(labels, p)}})
+    return out
+
+
+class TextClassifier:
+    """A jaxclf model with its tokenizer: `.logits(texts)`, `.predict(texts)`, `.save(dir)`."""
+
+    def __init__(self, model: TransformerClassifier, tokenizer: Tokenizer,
+                 metrics: Mapping[str, Any] | None = None):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.tokenizer = tokenization.configure(tokenizer, self.config.max_position_embeddings,
+                                                self.config.pad_token_id)
+        self.metrics = dict(metrics or {})
+        self.buckets = length_buckets(self.config.max_position_embeddings)
+        self._forward = None
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.id2label)
+
+    def _compiled_forward(self):
+        if self._forward is None:
+            self.model.eval()  # dropout off
+            graphdef, state = nnx.split(self.model)
+
+            @jax.jit
+            def forward(state, input_ids, attention_mask):
+                return nnx.merge(graphdef, state)(input_ids, attention_mask)
+
+            self._state = state
+            self._forward = forward
+        return self._forward
+
+    def encode(self, texts: Sequence[str] | str) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask) int32 (N, T), T padded up to a length bucket."""
+        ids, mask = tokenization.encode(self.tokenizer, texts)
+        return tokenization.pad_to(ids, mask, bucket_for(ids.shape[1], self.buckets), self.config.pad_token_id)
+
+    def logits(self, texts: Sequence[str] | str, batch_size: int = 64) -> np.ndarray:
+        """float32 logits (N, num_classes)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        forward = self._compiled_forward()
+        out = [np.zeros((0, self.config.num_classes), np.float32)]
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self.encode(texts[start:start + batch_size])
+            out.append(np.asarray(forward(self._state, jnp.asarray(ids), jnp.asarray(mask))))
+        return np.concatenate(out).astype(np.float32)
+
+    def predict(self, texts: Sequence[str] | str, batch_size: int = 64) -> list[dict[str, Any]]:
+        """Per text: label, confidence, and the probability of every label."""
+        return predictions(self.logits(texts, batch_size), self.labels)
+
+    def torch_state(self) -> dict[str, np.ndarray]:
+        return weights.to_torch_state(self.model)
+
+    def save(self, path: str | os.PathLike, metrics: Mapping[str, Any] | None = None) -> Path:
+        """Write this classifier as a model directory (atomically)."""
+        if metrics is not None:
+            self.metrics = dict(metrics)
+        return model_dir.write(path, self.config, self.torch_state(), self.tokenizer, self.metrics)
+
+
+def load(path: str | os.PathLike) -> TextClassifier:
+    """Load a model directory (config.json, model.safetensors, tokenizer.json, metrics.json)."""
+    config, tensors, tok, metrics = model_dir.read(path)
+    model = create_model(config, seed=0)
+    weights.load_torch_state(model, tensors, source=str(Path(path) / model_dir.WEIGHTS_FILE))
+    return TextClassifier(model, tok, metrics)
+
+
+def create(config: ModelConfig, tokenizer: Tokenizer, seed: int = 0) -> TextClassifier:
+    """A freshly initialised classifier around a tokenizer whose ids fit config.vocab_size."""
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but config.vocab_size is "
+                         f"{config.vocab_size}; set vocab_size >= the tokenizer's size")
+    return TextClassifier(create_model(config, seed), tokenizer)

@@ -1,0 +1,254 @@
+"""The jaxclf encoder classifier in Flax NNX: embeddings -> N transformer blocks -> pooling -> classifier.
+
+Attribute paths mirror Hugging Face BERT (`embeddings.word_embeddings`,
+`encoder.layer.N.attention.self.query`, `attention.output.dense`, ...), so converting to
+the PyTorch names of torch_ref and HF is a rename plus a transpose (see jaxclf.weights).
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `mlp`) that
+jaxclf.sharding maps onto the device mesh.
+
+Numerics: matmuls run in `config.dtype`; LayerNorm, softmax and the returned logits are
+float32 whatever the compute dtype. Dense layers see 2-D `(B*T, D)` inputs because XLA:CPU
+runs their backward pass much faster than on `(B, T, D)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxclf.config import ModelConfig
+
+Array = jax.Array
+
+
+@functools.lru_cache(maxsize=16)
+def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
+    """Fixed (max_len, d_model) float32 table; computed in float64 numpy so torch_ref gets the same bits."""
+    pos = np.arange(max_len)[:, None]
+    i = np.arange(0, d_model, 2)
+    angle = pos / np.power(10000.0, i / d_model)
+    table = np.zeros((max_len, d_model))
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle)
+    return table.astype(np.float32)
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return functools.partial(jax.nn.gelu, approximate=False)
+    if name == "gelu_tanh":
+        return functools.partial(jax.nn.gelu, approximate=True)
+    return jax.nn.relu
+
+
+class _Factory:
+    """Builds layers with the config's dtypes, initialiser and logical axis names."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config, self.rngs = config, rngs
+        self.dtype = jnp.dtype(config.dtype)
+        self.param_dtype = jnp.dtype(config.param_dtype)
+        self.init = nnx.initializers.truncated_normal(stddev=config.initializer_range)
+
+    def dense(self, d_in: int, d_out: int, axes: tuple[str | None, str | None]) -> nnx.Linear:
+        return nnx.Linear(
+            d_in, d_out, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs,
+            kernel_init=nnx.with_partitioning(self.init, axes),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
+
+    def layer_norm(self) -> nnx.LayerNorm:
+        return nnx.LayerNorm(
+            self.config.d_model, epsilon=self.config.layer_norm_eps, dtype=jnp.float32,
+            param_dtype=self.param_dtype, use_fast_variance=False, rngs=self.rngs,
+            scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)))
+
+    def embed(self, rows: int, axes: tuple[str | None, str | None]) -> nnx.Embed:
+        return nnx.Embed(rows, self.config.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
+                         embedding_init=nnx.with_partitioning(self.init, axes), rngs=self.rngs)
+
+    def dropout(self, rate: float) -> nnx.Dropout:
+        return nnx.Dropout(rate, rngs=self.rngs)
+
+
+def _layer_norm(ln: nnx.LayerNorm, x: Array) -> Array:
+    """LayerNorm in float32, result back in the compute dtype of x."""
+    return ln(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, config: ModelConfig, f: _Factory):
+        self.config = config
+        self.word_embeddings = f.embed(config.vocab_size, ("vocab", "embed"))
+        if config.position_embedding == "learned":
+            self.position_embeddings = f.embed(config.max_position_embeddings, (None, "embed"))
+        if config.type_vocab_size > 0:
+            self.token_type_embeddings = f.embed(config.type_vocab_size, (None, "embed"))
+        self.LayerNorm = f.layer_norm()
+        self.dropout = f.dropout(config.dropout)
+
+    def __call__(self, input_ids: Array, token_type_ids: Array | None) -> Array:
+        _, t = input_ids.shape
+        cfg = self.config
+        x = self.word_embeddings(input_ids)  # (B, T, D)
+        if cfg.position_embedding == "learned":
+            x = x + self.position_embeddings.embedding[...][:t].astype(x.dtype)[None]
+        else:
+            x = x + jnp.asarray(sinusoidal_table(cfg.max_position_embeddings, cfg.d_model)[:t], x.dtype)[None]
+        if cfg.type_vocab_size > 0:
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(_layer_norm(self.LayerNorm, x))
+
+
+class SelfAttention(nnx.Module):
+    """`attention.self`: the query/key/value projections and the masked softmax."""
+
+    def __init__(self, config: ModelConfig, f: _Factory):
+        d = config.d_model
+        self.nhead, self.head_dim = config.nhead, config.head_dim
+        self.query = f.dense(d, d, ("embed", "heads"))
+        self.key = f.dense(d, d, ("embed", "heads"))
+        self.value = f.dense(d, d, ("embed", "heads"))
+        self.dropout = f.dropout(config.attention_dropout)
+
+    def __call__(self, x: Array, mask: Array, batch: int) -> Array:
+        """x: (B*T, D); mask: (B, T) bool, True at real tokens. Returns the context (B*T, D)."""
+        bt, d = x.shape
+        t = bt // batch
+        q = self.query(x).reshape(batch, t, self.nhead, self.head_dim)  # (B, T, H, Dh)
+        k = self.key(x).reshape(batch, t, self.nhead, self.head_dim)
+        v = self.value(x).reshape(batch, t, self.nhead, self.head_dim)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # (B, H, T, T)
+        scores = scores * (1.0 / math.sqrt(self.head_dim))
+        # Padded keys get the most negative float, so exp() makes them exactly 0.
+        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = self.dropout(jax.nn.softmax(scores, axis=-1)).astype(v.dtype)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, T, H, Dh)
+        return ctx.reshape(bt, d)
+
+
+class AttentionOutput(nnx.Module):
+    def __init__(self, config: ModelConfig, f: _Factory):
+        self.dense = f.dense(config.d_model, config.d_model, ("heads", "embed"))
+        self.LayerNorm = f.layer_norm()
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, f: _Factory):
+        self.self = SelfAttention(config, f)
+        self.output = AttentionOutput(config, f)
+
+
+class Intermediate(nnx.Module):
+    def __init__(self, config: ModelConfig, f: _Factory):
+        self.dense = f.dense(config.d_model, config.dim_feedforward, ("embed", "mlp"))
+
+
+class Output(nnx.Module):
+    def __init__(self, config: ModelConfig, f: _Factory):
+        self.dense = f.dense(config.dim_feedforward, config.d_model, ("mlp", "embed"))
+        self.LayerNorm = f.layer_norm()
+
+
+class Layer(nnx.Module):
+    """One transformer block, post-LN (BERT) or pre-LN (`norm_first`)."""
+
+    def __init__(self, config: ModelConfig, f: _Factory):
+        self.norm_first = config.norm_first
+        self.act = _activation(config.activation)
+        self.attention = Attention(config, f)
+        self.intermediate = Intermediate(config, f)
+        self.output = Output(config, f)
+        self.dropout = f.dropout(config.dropout)
+
+    def __call__(self, x: Array, mask: Array, batch: int) -> Array:
+        """x: (B*T, D) -> (B*T, D)."""
+        attn_ln, ffn_ln = self.attention.output.LayerNorm, self.output.LayerNorm
+        if self.norm_first:
+            a = self.attention.output.dense(self.attention.self(_layer_norm(attn_ln, x), mask, batch))
+            x = x + self.dropout(a)
+            h = self.output.dense(self.act(self.intermediate.dense(_layer_norm(ffn_ln, x))))
+            return x + self.dropout(h)
+        a = self.attention.output.dense(self.attention.self(x, mask, batch))
+        x = _layer_norm(attn_ln, x + self.dropout(a))
+        h = self.output.dense(self.act(self.intermediate.dense(x)))
+        return _layer_norm(ffn_ln, x + self.dropout(h))
+
+
+class Encoder(nnx.Module):
+    def __init__(self, config: ModelConfig, f: _Factory):
+        self.gradient_checkpointing = config.gradient_checkpointing
+        self.layer = nnx.List([Layer(config, f) for _ in range(config.num_encoder_layers)])
+        if config.norm_first:
+            self.LayerNorm = f.layer_norm()
+
+    def __call__(self, x: Array, mask: Array, batch: int) -> Array:
+        for layer in self.layer:
+            if self.gradient_checkpointing:
+                x = nnx.remat(lambda lyr, h, m: lyr(h, m, batch))(layer, x, mask)
+            else:
+                x = layer(x, mask, batch)
+        if hasattr(self, "LayerNorm"):
+            x = _layer_norm(self.LayerNorm, x)
+        return x
+
+
+class Pooler(nnx.Module):
+    def __init__(self, config: ModelConfig, f: _Factory):
+        self.dense = f.dense(config.d_model, config.d_model, ("embed", None))
+
+
+class TransformerClassifier(nnx.Module):
+    """Encoder classifier. Call with input_ids (B, T) int, attention_mask (B, T) -> logits (B, C) float32."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        # Logical axis names are metadata here; jaxclf.sharding places the arrays.
+        with nnx.use_eager_sharding(False):
+            f = _Factory(config, rngs)
+            self.embeddings = Embeddings(config, f)
+            self.encoder = Encoder(config, f)
+            if config.pooling == "pooler":
+                self.pooler = Pooler(config, f)
+            self.dropout = f.dropout(config.dropout)
+            self.classifier = f.dense(config.d_model, config.num_classes, ("embed", None))
+
+    def features(self, input_ids: Array, attention_mask: Array | None = None,
+                 token_type_ids: Array | None = None) -> tuple[Array, Array]:
+        """Returns (last_hidden_state (B, T, D), pooled (B, D)), the pooled vector before dropout."""
+        cfg = self.config
+        b, t = input_ids.shape
+        if t > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        if attention_mask is None:
+            attention_mask = input_ids != cfg.pad_token_id
+        mask = attention_mask.astype(bool)
+        x = self.embeddings(input_ids, token_type_ids).reshape(b * t, cfg.d_model)  # (B*T, D)
+        hidden = self.encoder(x, mask, b).reshape(b, t, cfg.d_model)  # (B, T, D)
+        if cfg.pooling == "mean":
+            m = mask.astype(jnp.float32)[..., None]  # (B, T, 1)
+            pooled = (hidden.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+            pooled = pooled.astype(hidden.dtype)
+        else:
+            pooled = hidden[:, 0]
+            if cfg.pooling == "pooler":
+                pooled = jnp.tanh(self.pooler.dense(pooled))
+        return hidden, pooled
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+                 token_type_ids: Array | None = None) -> Array:
+        _, pooled = self.features(input_ids, attention_mask, token_type_ids)
+        return self.classifier(self.dropout(pooled)).astype(jnp.float32)
+
+
+def create_model(config: ModelConfig, seed: int = 0) -> TransformerClassifier:
+    """A freshly initialised model; `params` and `dropout` RNG streams both derive from `seed`."""
+    return TransformerClassifier(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))

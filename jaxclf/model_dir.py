@@ -1,0 +1,127 @@
+"""The model directory: the one contract between training, the registry, serving and torch_ref.
+
+    config.json        {"format": "jaxclf-model", "format_version": 1, "jaxclf_version", "model": ModelConfig}
+    model.safetensors  float32 weights under the PyTorch (torch_ref) names
+    tokenizer.json     a Hugging Face `tokenizers` file
+    metrics.json       evaluation metrics at export time (a JSON object)
+
+Writing is atomic: files go to a temporary sibling directory that replaces the target
+only once complete, so an interrupted save never leaves a half-written model behind.
+Reading never executes code: JSON and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import safetensors.numpy
+from tokenizers import Tokenizer
+
+from jaxclf.config import ConfigError, ModelConfig
+
+FORMAT = "jaxclf-model"
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, METRICS_FILE = (
+    "config.json", "model.safetensors", "tokenizer.json", "metrics.json")
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
+
+
+class ModelDirectoryError(ValueError):
+    """A model directory is missing, incomplete or inconsistent; the message names the file and problem."""
+
+
+def _version() -> str:
+    from jaxclf import __version__
+    return __version__
+
+
+def read_config(model_dir: str | os.PathLike) -> ModelConfig:
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelDirectoryError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
+        raise ModelDirectoryError(
+            f"{path}: not a jaxclf model config (expected an object with \"format\": \"{FORMAT}\" "
+            f"and a \"model\" section)")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ModelDirectoryError(f"{path}: format_version {data.get('format_version')!r} is not "
+                                  f"supported (this jaxclf reads version {FORMAT_VERSION})")
+    try:
+        return ModelConfig.from_dict(data["model"])
+    except (ConfigError, TypeError) as e:
+        raise ModelDirectoryError(f"{path}: {e}") from e
+
+
+def check_files(model_dir: str | os.PathLike) -> Path:
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelDirectoryError(f"model directory {d} does not exist or is not a directory")
+    missing = [f for f in REQUIRED_FILES if not (d / f).is_file()]
+    if missing:
+        raise ModelDirectoryError(f"model directory {d} is missing {', '.join(missing)}")
+    return d
+
+
+def read(model_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer, dict]:
+    """(config, PyTorch-named float32 tensors, raw tokenizer, metrics) of a model directory."""
+    d = check_files(model_dir)
+    config = read_config(d)
+    try:
+        tensors = safetensors.numpy.load_file(str(d / WEIGHTS_FILE))
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+        raise ModelDirectoryError(f"{d / WEIGHTS_FILE}: cannot be read as safetensors ({e})") from e
+    try:
+        tokenizer = Tokenizer.from_file(str(d / TOKENIZER_FILE))
+    except Exception as e:
+        raise ModelDirectoryError(f"{d / TOKENIZER_FILE}: not a valid tokenizers file ({e})") from e
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise ModelDirectoryError(
+            f"{d / TOKENIZER_FILE}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
+            f"vocab_size is {config.vocab_size}")
+    metrics: dict = {}
+    if (d / METRICS_FILE).is_file():
+        try:
+            metrics = json.loads((d / METRICS_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ModelDirectoryError(f"{d / METRICS_FILE}: not valid JSON ({e})") from e
+    return config, tensors, tokenizer, metrics
+
+
+def write(model_dir: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, np.ndarray],
+          tokenizer: Tokenizer, metrics: Mapping[str, Any] | None = None) -> Path:
+    """Write a complete model directory atomically, replacing any previous one at that path."""
+    target = Path(model_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "jaxclf_version": _version(),
+               "model": config.to_dict()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+        safetensors.numpy.save_file(arrays, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tokenizer.save(str(tmp / TOKENIZER_FILE))
+        (tmp / METRICS_FILE).write_text(json.dumps(dict(metrics or {}), indent=2, sort_keys=True) + "\n",
+                                        encoding="utf-8")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
