@@ -1,0 +1,117 @@
+"""Load a jaxclf model directory (config.json, model.safetensors, tokenizer.json) into PyTorch."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Union
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from jaxclf.config import ModelConfig
+from torch_ref.model import TransformerClassifier
+
+Texts = Union[str, Iterable[str]]
+
+
+def _require(model_dir: str, name: str) -> str:
+    path = os.path.join(model_dir, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} not found in model directory {model_dir!r}")
+    return path
+
+
+def _check_state_dict(model: torch.nn.Module, sd: dict, path: str) -> None:
+    """Raise one ValueError listing every missing, extra and misshapen tensor."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in sd.items()}
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    misshapen = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if not (missing or extra or misshapen):
+        return
+    lines = [f"{path} does not match the model config:"]
+    if missing:
+        lines.append(f"  missing tensors: {', '.join(missing)}")
+    if extra:
+        lines.append(f"  unexpected tensors: {', '.join(extra)}")
+    for k in misshapen:
+        lines.append(f"  {k}: expected shape {list(expected[k])}, found {list(found[k])}")
+    raise ValueError("\n".join(lines))
+
+
+class TorchClassifier:
+    """A loaded model with its tokenizer: encode, logits and predict on raw texts."""
+
+    def __init__(self, config: ModelConfig, model: TransformerClassifier, tokenizer: Tokenizer):
+        self.config = config
+        self.labels = list(config.id2label)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+
+    def encode(self, texts: Texts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize (truncated, padded to the longest) -> (input_ids, attention_mask), both (N, T) int64."""
+        if isinstance(texts, str):
+            texts = [texts]
+        encodings = self.tokenizer.encode_batch(list(texts))
+        input_ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
+        attention_mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)
+        return input_ids, attention_mask
+
+    def logits(self, texts: Texts, batch_size: int = 64) -> np.ndarray:
+        """(N, num_classes) float32 logits, computed in eval mode in batches of ``batch_size``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        self.model.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                input_ids, attention_mask = self.encode(texts[start:start + batch_size])
+                out.append(self.model(input_ids, attention_mask=attention_mask).float().numpy())
+        if not out:
+            return np.zeros((0, self.config.num_classes), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+    def predict(self, texts: Texts) -> list[dict]:
+        """Per text: {"label", "confidence", "probabilities": {label: p}} from the softmax."""
+        logits = self.logits(texts)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(shifted)
+        probs /= probs.sum(axis=1, keepdims=True)
+        results = []
+        for row in probs:
+            best = int(row.argmax())
+            results.append({
+                "label": self.labels[best],
+                "confidence": float(row[best]),
+                "probabilities": {label: float(p) for label, p in zip(self.labels, row)},
+            })
+        return results
+
+
+def load(model_dir: str) -> TorchClassifier:
+    """Load config.json ({"model": ModelConfig dict}), model.safetensors and tokenizer.json."""
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+    config_path = _require(model_dir, "config.json")
+    weights_path = _require(model_dir, "model.safetensors")
+    tokenizer_path = _require(model_dir, "tokenizer.json")
+
+    with open(config_path) as f:
+        config = ModelConfig.from_dict(json.load(f)["model"])
+
+    model = TransformerClassifier(config)
+    sd = load_file(weights_path)
+    _check_state_dict(model, sd, weights_path)
+    model.load_state_dict(sd, strict=True)
+
+    tok = Tokenizer.from_file(tokenizer_path)
+    tok.enable_truncation(max_length=config.max_position_embeddings)
+    tok.enable_padding(pad_id=config.pad_token_id,
+                       pad_token=tok.id_to_token(config.pad_token_id) or "[PAD]")
+    return TorchClassifier(config, model, tok)
