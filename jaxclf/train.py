@@ -1,0 +1,605 @@
+"""The training loop: Grain batches -> one jitted, sharded, donated train step -> Orbax checkpoints -> model directory.
+
+    from jaxclf.presets import get_preset
+    model_config, train_config = get_preset("small")
+    result = train(model_config, train_config)   # -> TrainResult (exported model dir, metrics)
+
+The loop is resumable: re-running with the same output_dir continues from the latest complete
+checkpoint and, on CPU, ends with bitwise the same weights as an uninterrupted run. SIGTERM
+(preemption) saves a checkpoint and returns cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxclf import classifier, data, flops, model_dir, optim, sharding, tokenizer as tokenization
+from jaxclf.checkpoint import Checkpointer, abstract_like
+from jaxclf.config import ConfigError, ModelConfig
+from jaxclf.metrics import classification_report
+from jaxclf.model import TransformerClassifier, create_model
+
+log = logging.getLogger(__name__)
+
+MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """Training knobs (Hugging Face Trainer names where one exists). The model is in ModelConfig."""
+
+    output_dir: str = "runs/default"  # checkpoints, logs, and the exported model at OUTPUT/model
+    train_file: str = "data/sample_texts.csv"  # CSV (text,label), JSONL or ArrayRecord
+    eval_file: str | None = None  # None: hold out `eval_split` of train_file (stratified, seeded)
+    eval_split: float = 0.2  # fraction held out when eval_file is None; 0 disables evaluation
+    labels: tuple[str, ...] = ()  # label names in id order; empty: sorted labels of the training data
+    init_from: str | None = None  # model directory to fine-tune (its tokenizer and labels are kept)
+    skip_bad_rows: bool = False  # skip (count and report) malformed data rows instead of failing
+    tokenizer_vocab_size: int = 8000  # WordPiece vocabulary trained on the training texts (from scratch)
+    length_buckets: tuple[int, ...] = ()  # padded lengths; empty: powers of two up to max_position_embeddings
+    num_train_epochs: float = 10.0  # ignored when max_steps > 0
+    max_steps: int = -1  # total optimiser steps; -1: from num_train_epochs
+    per_device_train_batch_size: int = 16  # global batch = this x number of devices
+    per_device_eval_batch_size: int = 64
+    learning_rate: float = 5e-4  # peak learning rate after warmup
+    lr_schedule: str = "linear"  # decay after warmup: "linear", "cosine" or "constant"
+    warmup_steps: int = 10
+    weight_decay: float = 0.01  # AdamW decoupled decay, masked off biases and LayerNorm
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # global-norm clipping; 0 disables it
+    logging_steps: int = 10
+    eval_steps: int = 50  # evaluate (and checkpoint) every N steps, and at the end
+    save_steps: int = 50  # checkpoint every N steps
+    save_total_limit: int = 2  # latest checkpoints kept (the newest is never deleted)
+    save_best_total: int = 1  # best checkpoints kept by metric_for_best_model
+    metric_for_best_model: str = "macro_f1"  # "accuracy", "macro_f1" or "loss"
+    early_stopping_patience: int = 0  # stop after N evaluations without improvement; 0 = never
+    gradient_checkpointing: bool = False  # rematerialise each layer in the backward pass
+    mixed_precision: str = "no"  # "no" (fp32), "bf16", or "fp16" with dynamic loss scaling
+    loss_scale_init: float = 2.0 ** 15  # fp16 only
+    loss_scale_period: int = 2000  # fp16: double the scale after this many finite steps
+    seed: int = 42  # init, shuffling, dropout and the eval split all derive from it
+    mesh_data: int = -1  # mesh axis sizes; -1 takes the remaining devices
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+    async_checkpointing: bool = True
+    progress_bar: bool = True  # shown only when stderr is a terminal
+
+    def __post_init__(self):
+        checks = [
+            (self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"one of {', '.join(MIXED_PRECISION)}"),
+            (self.lr_schedule in ("linear", "cosine", "constant"), "lr_schedule", "linear, cosine or constant"),
+            (self.metric_for_best_model in ("accuracy", "macro_f1", "loss"), "metric_for_best_model",
+             "accuracy, macro_f1 or loss"),
+            (0.0 <= self.eval_split < 1.0, "eval_split", "in [0, 1)"),
+            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", ">= 1"),
+            (self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", ">= 1"),
+            (self.learning_rate > 0, "learning_rate", "> 0"),
+            (self.max_steps > 0 or self.num_train_epochs > 0, "num_train_epochs", "> 0 when max_steps <= 0"),
+            (self.logging_steps >= 1 and self.eval_steps >= 1 and self.save_steps >= 1,
+             "logging_steps/eval_steps/save_steps", ">= 1"),
+            (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
+            (self.max_grad_norm >= 0, "max_grad_norm", ">= 0"),
+        ]
+        for ok, name, accepted in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {accepted}, got {getattr(self, name.split('/')[0])!r}")
+        object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "length_buckets", tuple(self.length_buckets))
+
+    @property
+    def greater_is_better(self) -> bool:
+        return self.metric_for_best_model != "loss"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model_dir: Path | None  # OUTPUT/model, or None when preempted before the end
+    steps: int
+    eval_metrics: dict | None  # metrics of the exported (best) checkpoint
+    preempted: bool = False
+
+
+# ----------------------------------------------------------------------------- data
+
+def _load_splits(cfg: TrainingConfig):
+    """((texts, labels, file lines), (eval texts, labels, lines)); eval held out of train when no eval_file."""
+    texts, labels, report = data.read_examples(cfg.train_file, skip_bad=cfg.skip_bad_rows)
+    train = (texts, labels, report.lines)
+    if cfg.eval_file:
+        eval_texts, eval_labels, eval_report = data.read_examples(cfg.eval_file, skip_bad=cfg.skip_bad_rows)
+        held = (eval_texts, eval_labels, eval_report.lines)
+    elif cfg.eval_split > 0:
+        train_idx, eval_idx = data.stratified_split(labels, cfg.eval_split, cfg.seed)
+        pick = lambda idx: tuple([column[i] for i in idx] for column in train)
+        train, held = pick(train_idx), pick(eval_idx)
+    else:
+        held = ([], [], [])
+    log.info("training examples: %d (%s), evaluation examples: %d", len(train[0]), cfg.train_file, len(held[0]))
+    return train, held
+
+
+# ----------------------------------------------------------------------------- the step
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(weighted mean loss, per-example loss); float32 whatever the compute dtype."""
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0), per_example
+
+
+def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, cfg: TrainingConfig):
+    """The pure train step: (state, batch) -> (state, metrics). `rest` holds the model's RNG streams."""
+    fp16 = cfg.mixed_precision == "fp16"
+
+    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+        params = state["params"]
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+        # A fresh dropout stream per step, derived from (seed, step): a resumed run replays it exactly.
+        step_rest = jax.tree.map(
+            lambda x: dropout_key if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, rest)
+
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, step_rest, copy=True)  # copy: dropout advances its RNG count
+            model.train()
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            loss, _ = _cross_entropy(logits, batch["labels"], batch["weights"])
+            return loss * state["loss_scale"], loss
+
+        grads, loss = jax.grad(loss_fn, has_aux=True)(params)
+        grads = jax.tree.map(lambda g: g / state["loss_scale"], grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        new_state = dict(state, step=state["step"] + 1)
+        lr = schedule(state["step"])  # the rate of this update (off by the skipped steps under fp16)
+        if fp16:
+            # Dynamic loss scaling: a step whose gradients overflowed is skipped (params and
+            # optimiser state kept) and the scale halves; a long run of finite steps doubles it.
+            finite = jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
+            good = jnp.where(finite, state["good_steps"] + 1, 0)
+            grow = good >= cfg.loss_scale_period
+            scale = jnp.where(finite, jnp.where(grow, state["loss_scale"] * 2, state["loss_scale"]),
+                              jnp.maximum(state["loss_scale"] / 2, 1.0))
+            new_state.update(good_steps=jnp.where(grow, 0, good), loss_scale=scale)
+            skipped = 1 - finite.astype(jnp.int32)
+        else:
+            skipped = jnp.int32(0)
+        new_state.update(params=new_params, opt_state=opt_state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
+                   "param_norm": optax.global_norm(new_params), "update_norm": optax.global_norm(updates),
+                   "skipped": skipped, "loss_scale": state["loss_scale"],
+                   "tokens": batch["attention_mask"].sum(), "examples": batch["weights"].sum()}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, rest):
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params, rest)
+        model.eval()
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        _, per_example = _cross_entropy(logits, batch["labels"], batch["weights"])
+        return logits, per_example
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------- the run
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (checkpoint, then return)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Logger:
+    """Process 0 writes metrics as JSON lines, TensorBoard events, and a PNG of the curves at the end."""
+
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int):
+        self.enabled, self.path = enabled, output_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():  # drop lines of steps that will be replayed
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(f"{kind}/{k}", v, step)
+        self.writer.flush()
+
+    def close(self, plot_path: Path | None) -> None:
+        if not self.enabled:
+            return
+        self.writer.close()
+        if plot_path is not None and self.path.exists():
+            plot_curves(self.path, plot_path)
+
+
+def plot_curves(jsonl: Path, png: Path) -> None:
+    """Training loss, learning rate and evaluation metrics against steps, as one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
+    axes[0].set(title="loss", xlabel="step")
+    axes[0].legend()
+    axes[1].plot([r["step"] for r in train], [r["learning_rate"] for r in train])
+    axes[1].set(title="learning rate", xlabel="step")
+    for key in ("accuracy", "macro_f1"):
+        axes[2].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
+    axes[2].set(title="evaluation", xlabel="step", ylim=(0, 1))
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _prepare_tokenizer_and_config(model_cfg: ModelConfig, cfg: TrainingConfig, texts, label_names, out: Path):
+    """(tokenizer, model config, initial weights or None). Fine-tuning keeps the tokenizer and labels."""
+    if cfg.init_from:
+        init_cfg, tensors, tok, _ = model_dir.read(cfg.init_from)
+        if tuple(label_names) != init_cfg.id2label:
+            raise ConfigError(f"labels of the data {list(label_names)} differ from those of "
+                              f"{cfg.init_from} {list(init_cfg.id2label)}; pass --labels to match")
+        config = init_cfg.replace(dropout=model_cfg.dropout, attention_dropout=model_cfg.attention_dropout)
+        return tok, config, tensors
+    tok_path = out / "tokenizer.json"
+    if tok_path.exists():  # resuming: the vocabulary must be the one the checkpoints were trained with
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(tok_path))
+    else:
+        tok = tokenization.train_wordpiece(texts, vocab_size=cfg.tokenizer_vocab_size)
+        if jax.process_index() == 0:
+            tmp = tok_path.with_suffix(".tmp")
+            tok.save(str(tmp))
+            os.replace(tmp, tok_path)
+    config = model_cfg.replace(vocab_size=tok.get_vocab_size(), num_classes=len(label_names),
+                               id2label=tuple(label_names))
+    return tok, config, None
+
+
+def train(model_cfg: ModelConfig, cfg: TrainingConfig) -> TrainResult:
+    """Train (or resume) a classifier and export the best checkpoint to OUTPUT/model."""
+    out = Path(cfg.output_dir)
+    is_main = jax.process_index() == 0
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Data: read and validate everything before anything is written.
+    (texts, labels, lines), (eval_texts, eval_labels, eval_lines) = _load_splits(cfg)
+    if cfg.init_from and not cfg.labels:
+        label_names = model_dir.read_config(cfg.init_from).id2label
+    else:
+        label_names = data.label_vocabulary(labels, cfg.labels or None)
+    train_ids = data.label_ids(labels, label_names, cfg.train_file, lines=lines)
+    eval_ids = data.label_ids(eval_labels, label_names, cfg.eval_file or cfg.train_file, lines=eval_lines)
+
+    tok, config, init_tensors = _prepare_tokenizer_and_config(model_cfg, cfg, texts, label_names, out)
+    tok = tokenization.configure(tok, config.max_position_embeddings, config.pad_token_id)
+    export_config = config  # what the model directory records (fp32 compute unless asked otherwise)
+    config = config.replace(gradient_checkpointing=cfg.gradient_checkpointing or config.gradient_checkpointing)
+    if cfg.mixed_precision != "no":
+        config = config.replace(dtype=MIXED_PRECISION[cfg.mixed_precision])
+    buckets = cfg.length_buckets or classifier.length_buckets(config.max_position_embeddings)
+    if max(buckets) > config.max_position_embeddings:
+        raise ConfigError(f"length_buckets {list(buckets)} exceed max_position_embeddings="
+                          f"{config.max_position_embeddings}")
+
+    # Mesh and batch sizes.
+    mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+    n_dev = jax.device_count()
+    global_batch = cfg.per_device_train_batch_size * n_dev
+    eval_batch = cfg.per_device_eval_batch_size * n_dev
+    train_ds = data.tokenize_dataset(tok, texts, train_ids)
+    steps_per_epoch = len(train_ds) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"global batch {global_batch} ({cfg.per_device_train_batch_size} per device x "
+                          f"{n_dev} devices) is larger than the {len(train_ds)} training examples")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+
+    # Model, optimiser and their shardings.
+    abstract_model = nnx.eval_shape(lambda: create_model(config, cfg.seed))
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    param_shardings = sharding.state_shardings(abstract_params, mesh)
+    tx, schedule = optim.make_optimizer(
+        learning_rate=cfg.learning_rate, warmup_steps=min(cfg.warmup_steps, total_steps),
+        total_steps=total_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon, decay=cfg.lr_schedule)
+
+    def init_state(params):
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+                "rng": jax.random.key_data(jax.random.key(cfg.seed + 2)),
+                "loss_scale": jnp.float32(cfg.loss_scale_init if cfg.mixed_precision == "fp16" else 1.0),
+                "good_steps": jnp.int32(0)}
+
+    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+        if init_tensors is not None:
+            model = create_model(config, cfg.seed)
+            from jaxclf import weights
+            weights.load_torch_state(model, init_tensors, source=cfg.init_from)
+            host_params = nnx.state(model, nnx.Param)
+            params = jax.device_put(host_params, param_shardings)
+        else:
+            params = jax.jit(lambda: nnx.state(create_model(config, cfg.seed), nnx.Param),
+                             out_shardings=param_shardings)()
+        _, _, rest = nnx.split(create_model(config, cfg.seed), nnx.Param, ...)
+        state_shape = jax.eval_shape(init_state, params)
+        state_shardings = {
+            "params": param_shardings,
+            "opt_state": jax.tree.map(lambda x: x.sharding,
+                                      jax.jit(tx.init)(params)),
+            **{k: sharding.replicated(mesh) for k in ("step", "rng", "loss_scale", "good_steps")}}
+        state = jax.jit(init_state, out_shardings=state_shardings)(params)
+        del params
+
+        train_step = jax.jit(make_train_step(graphdef, rest, tx, schedule, cfg), donate_argnums=0,
+                             in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                             out_shardings=(state_shardings, sharding.replicated(mesh)))
+        eval_step = jax.jit(make_eval_step(graphdef, rest),
+                            in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                            out_shardings=sharding.replicated(mesh))
+
+        pad_id = config.pad_token_id
+        iterator = data.train_batches(train_ds, global_batch_size=global_batch, seed=cfg.seed, buckets=buckets,
+                                      pad_id=pad_id, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+        eval_ds = data.tokenize_dataset(tok, eval_texts, eval_ids) if eval_texts else None
+
+        def evaluate(params) -> dict:
+            all_logits, all_loss, all_w, all_y = [], [], [], []
+            for batch in data.eval_batches(eval_ds, global_batch_size=eval_batch, buckets=buckets, pad_id=pad_id,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count()):
+                logits, per_example = eval_step(params, sharding.global_batch(batch, mesh))
+                w = _gather(batch["weights"])
+                all_logits.append(np.asarray(logits)), all_loss.append(np.asarray(per_example))
+                all_w.append(w), all_y.append(_gather(batch["labels"]))
+            w = np.concatenate(all_w) > 0
+            logits, y = np.concatenate(all_logits)[w], np.concatenate(all_y)[w]
+            report = classification_report(y, logits.argmax(-1), label_names,
+                                           loss=float(np.concatenate(all_loss)[w].mean()))
+            probs = classifier.softmax(logits.astype(np.float64))
+            report["confidence_histogram"] = np.histogram(probs.max(-1), bins=10, range=(0, 1))[0].tolist()
+            report["predicted_label_counts"] = np.bincount(probs.argmax(-1), minlength=len(label_names)).tolist()
+            return report
+
+        ckpt = Checkpointer(out / "checkpoints", keep_latest=cfg.save_total_limit,
+                            keep_best=cfg.save_best_total if eval_ds is not None else 0,
+                            metric=cfg.metric_for_best_model, greater_is_better=cfg.greater_is_better,
+                            async_save=cfg.async_checkpointing)
+        meta = {"step": 0, "evals": [], "best": None, "evals_without_improvement": 0,
+                "model_config": config.to_dict(), "training_config": cfg.to_dict()}
+        start = ckpt.latest_step()
+        if start is not None:
+            state, meta = ckpt.restore(start, abstract_like(state), iterator)
+            log.info("resumed from the checkpoint at step %d of %d", start, total_steps)
+        step = start_step = int(meta["step"])
+        logger = _Logger(out, is_main, resume_step=step)
+
+        peak = flops.measure_matmul_peak(MIXED_PRECISION[cfg.mixed_precision]) * n_dev
+        log.info("model: %d parameters; %d steps (%d per epoch), global batch %d on %d device(s), mesh %s",
+                 sum(x.size for x in jax.tree.leaves(state["params"])), total_steps, steps_per_epoch,
+                 global_batch, n_dev, dict(mesh.shape))
+        progress = _progress(total_steps, step, enabled=cfg.progress_bar and is_main)
+        preempted, window, window_start = False, [], time.perf_counter()
+        with _Preemption() as preemption:
+            while step < total_steps and not _early_stop(meta, cfg):
+                local = next(iterator)
+                state, metrics = train_step(state, sharding.global_batch(local, mesh))
+                step += 1
+                if step == start_step + 1:  # the first step compiles: keep it out of the rates
+                    jax.block_until_ready(metrics)
+                    window_start = time.perf_counter()
+                else:
+                    window.append((metrics, local["input_ids"].shape[1]))
+                progress.update(1)
+                if window and (step % cfg.logging_steps == 0 or step == total_steps):
+                    jax.block_until_ready(window[-1][0])  # dispatch is asynchronous: time the finished work
+                    _log_window(logger, step, window, time.perf_counter() - window_start, config,
+                                global_batch, peak, progress)
+                    window, window_start = [], time.perf_counter()
+                eval_now = eval_ds is not None and (step % cfg.eval_steps == 0 or step == total_steps)
+                metrics_for_ckpt = None
+                if eval_now:
+                    report = evaluate(state["params"])
+                    _record_eval(meta, step, report, cfg)
+                    logger.write("eval", step, {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
+                    log.info("step %d eval: loss %.4f accuracy %.4f macro_f1 %.4f", step, report["loss"],
+                             report["accuracy"], report["macro_f1"])
+                    metrics_for_ckpt = {k: report[k] for k in ("loss", "accuracy", "macro_f1")}
+                    window_start = time.perf_counter()
+                meta["step"] = step
+                # The shared signal decides for every process together (a multi-host save is collective).
+                stop_now = _any_process(preemption.requested)
+                if eval_now or step % cfg.save_steps == 0 or step == total_steps or stop_now:
+                    ckpt.save(step, state, iterator, meta, metrics_for_ckpt)
+                if stop_now and step < total_steps:
+                    preempted = True
+                    break
+        progress.close()
+        ckpt.wait()
+        if preempted:
+            log.warning("preempted at step %d; checkpoint saved. Re-run the same command to resume.", step)
+            ckpt.close()
+            logger.close(None)
+            return TrainResult(model_dir=None, steps=step, eval_metrics=None, preempted=True)
+
+        # Export the best checkpoint (by the eval metric), or the last one without evaluation.
+        best = meta.get("best")
+        if best is not None and best["step"] != step:
+            state = ckpt.restore_state(best["step"], abstract_like(state))
+        eval_metrics = best["report"] if best is not None else None
+        host_params = _gather(state["params"])
+        ckpt.close()
+    export_dir = None
+    if is_main:
+        model = create_model(export_config, cfg.seed)
+        nnx.update(model, jax.tree.map(np.asarray, host_params))
+        clf = classifier.TextClassifier(model, tok)
+        export_metrics = {"eval": eval_metrics, "step": best["step"] if best else step,
+                          "train_file": cfg.train_file, "eval_file": cfg.eval_file,
+                          "training_config": cfg.to_dict()}
+        export_dir = clf.save(out / "model", metrics=export_metrics)
+        logger.close(out / "training_curves.png")
+        log.info("exported %s (step %d)", export_dir, export_metrics["step"])
+    return TrainResult(model_dir=export_dir or out / "model", steps=step, eval_metrics=eval_metrics)
+
+
+# ----------------------------------------------------------------------------- helpers of the loop
+
+def _gather(tree):
+    """Host numpy copy of (possibly multi-process sharded) arrays."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.asarray([flag])).any())
+
+
+def _record_eval(meta: dict, step: int, report: dict, cfg: TrainingConfig) -> None:
+    value = report[cfg.metric_for_best_model]
+    meta["evals"].append({"step": step, cfg.metric_for_best_model: value})
+    best = meta.get("best")
+    sign = 1 if cfg.greater_is_better else -1
+    # A tie moves "best" to the later step, as Orbax's best-N retention ranks ties; only a strict
+    # improvement resets the early-stopping patience.
+    if best is None or sign * value >= sign * best["value"]:
+        improved = best is None or sign * value > sign * best["value"]
+        meta["best"] = {"step": step, "value": value, "report": report}
+    else:
+        improved = False
+    meta["evals_without_improvement"] = 0 if improved else meta["evals_without_improvement"] + 1
+
+
+def _early_stop(meta: dict, cfg: TrainingConfig) -> bool:
+    stop = cfg.early_stopping_patience > 0 and meta["evals_without_improvement"] >= cfg.early_stopping_patience
+    if stop:
+        log.info("early stopping: %s has not improved for %d evaluations (best %.4f at step %d)",
+                 cfg.metric_for_best_model, meta["evals_without_improvement"], meta["best"]["value"],
+                 meta["best"]["step"])
+    return stop
+
+
+def _log_window(logger: _Logger, step: int, window: list, seconds: float, config: ModelConfig,
+                global_batch: int, peak: float, progress) -> None:
+    host = jax.device_get([m for m, _ in window])
+    lengths = [t for _, t in window]
+    examples = global_batch * len(window)
+    tokens = float(sum(m["tokens"] for m in host))
+    model_flops = sum(flops.train_flops_per_example(config, t) * global_batch for t in lengths)
+    last = host[-1]
+    values = {
+        "loss": float(np.mean([m["loss"] for m in host])),
+        "learning_rate": float(last["learning_rate"]),
+        "grad_norm": float(last["grad_norm"]),
+        "param_norm": float(last["param_norm"]),
+        "update_norm": float(last["update_norm"]),
+        "examples_per_s": examples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "mfu": model_flops / seconds / peak,
+        "skipped_steps": int(sum(m["skipped"] for m in host)),
+    }
+    if values["skipped_steps"]:
+        values["loss_scale"] = float(last["loss_scale"])
+        log.warning("fp16: %d step(s) skipped in the last %d because gradients overflowed; loss scale now %g",
+                    values["skipped_steps"], len(window), values["loss_scale"])
+    logger.write("train", step, values)
+    msg = (f"step {step}: loss {values['loss']:.4f} lr {values['learning_rate']:.2e} "
+           f"grad_norm {values['grad_norm']:.3f} {values['examples_per_s']:.1f} ex/s "
+           f"{values['tokens_per_s']:.0f} tok/s MFU {100 * values['mfu']:.1f}%")
+    if progress.is_bar:
+        progress.set_postfix_str(msg.split(": ", 1)[1])
+    else:
+        log.info(msg)
+
+
+class _progress:
+    """A tqdm bar on a terminal (process 0 only), otherwise nothing."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    @property
+    def is_bar(self) -> bool:
+        return self.bar is not None
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def set_postfix_str(self, s: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(s)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
