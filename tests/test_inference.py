@@ -1,0 +1,212 @@
+"""InferenceEngine: batched = unbatched, no compilation after start-up, cache, queue limits, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import jaxclf
+from jaxclf import inference
+from jaxclf.inference import (DeadlineExceeded, EngineClosedError, InferenceEngine, Prediction,
+                              QueueFullError, ResultCache)
+
+
+@pytest.fixture(scope="module")
+def mixed_texts(sample_texts) -> list[str]:
+    """From 2 tokens to past the model's 32-token limit (truncated), so batches mix length buckets."""
+    return sample_texts[:40] + ["", "ok", "no.", "Ünïcödé naïve café ☕ 🚀", "word " * 60,
+                                "a much longer sentence about tacos, blenders and trains " * 3]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, mixed_texts):
+    """Unbatched logits: TextClassifier.logits on each text alone."""
+    clf = jaxclf.load(tiny_model_dir)
+    return {t: clf.logits([t])[0] for t in mixed_texts}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = InferenceEngine(tiny_model_dir, max_batch_size=16, batch_buckets=(1, 4, 16), max_wait_ms=5,
+                          cache_size=0)
+    yield eng
+    eng.close()
+
+
+def assert_matches(results: list[Prediction], texts: list[str], reference) -> None:
+    assert len(results) == len(texts)
+    for text, result in zip(texts, results):
+        np.testing.assert_allclose(result.logits, reference[text], atol=1e-6, rtol=0, err_msg=text)
+        assert result.predicted_class == max(result.probabilities, key=result.probabilities.get)
+        assert result.confidence == pytest.approx(max(result.probabilities.values()))
+        assert sum(result.probabilities.values()) == pytest.approx(1.0)
+
+
+def test_buckets_compiled_ahead_of_time(engine):
+    assert engine.batch_buckets == (1, 4, 16)
+    assert engine.length_buckets == (16, 32)  # the classifier's length_buckets for 32 positions
+    assert engine.aot_compilations == 6 and engine.compilations == 6
+    assert engine.stray_compilations == 0
+    assert len(engine.version) == 12 and engine.version == inference.model_version(engine.model_path)
+
+
+def test_batch_equals_unbatched_logits_for_mixed_lengths(mixed_texts, engine, reference):
+    texts = list(mixed_texts)
+    random.Random(0).shuffle(texts)
+    assert_matches(engine.predict_batch(texts).results, texts, reference)  # 46 texts: 16 + 16 + 14
+    for size in (1, 3, 4, 5, 16):
+        assert_matches(engine.predict_batch(texts[:size]).results, texts[:size], reference)
+
+
+def test_concurrent_requests_are_batched_and_equal_unbatched(mixed_texts, engine, reference):
+    before = engine.stats()
+    results: dict[int, Prediction] = {}
+    errors = []
+
+    def client(i: int) -> None:
+        try:
+            for k in range(5):
+                n = (i * 5 + k) % len(mixed_texts)
+                results[i * 5 + k] = engine.predict_single(mixed_texts[n])
+        except Exception as e:  # reported below; a thread's exception would otherwise be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    order = sorted(results)
+    assert_matches([results[j] for j in order], [mixed_texts[j % len(mixed_texts)] for j in order], reference)
+    after = engine.stats()
+    assert after.batched_texts - before.batched_texts == 120
+    assert after.batches - before.batches < 120  # some calls carried several requests
+
+
+def test_no_compilation_after_ready_under_concurrent_mixed_load(mixed_texts, engine):
+    compiled = engine.compilations
+    rng = random.Random(1)
+    errors = []
+
+    def client(seed: int) -> None:
+        r = random.Random(seed)
+        try:
+            for _ in range(6):
+                if r.random() < 0.5:
+                    engine.predict_single(r.choice(mixed_texts))
+                else:
+                    engine.predict_batch(r.sample(mixed_texts, r.randint(1, 20)))
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(rng.random(),)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert engine.compilations == compiled and engine.stray_compilations == 0
+
+
+def test_stray_compile_detector_sees_a_compile_during_a_request(engine):
+    """The listener that guards the test above does fire when a request path compiles."""
+    before = engine.stray_compilations
+    with inference._ServingRequest(engine):
+        jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))  # a fresh function: must compile
+    jax.jit(lambda x: x * 5 + 2)(np.arange(7.0))  # outside a request: not the engine's business
+    assert engine.stray_compilations == before + 1
+    engine._stray_compiles.pop()  # leave the shared engine's counter as it was
+
+
+def test_predict_async(mixed_texts, engine, reference):
+    async def main():
+        return await asyncio.gather(*(engine.predict_async(t) for t in mixed_texts[:12]))
+
+    assert_matches(list(asyncio.run(main())), mixed_texts[:12], reference)
+
+
+def test_result_cache_hits_and_misses(mixed_texts, tiny_model_dir, reference):
+    with InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(1, 4), length_buckets=(32,),
+                         cache_size=2, max_wait_ms=1) as eng:
+        a, b, c = mixed_texts[:3]
+        first = eng.predict_single(a)
+        assert not first.cached and (eng.cache.hits, eng.cache.misses) == (0, 1)
+        again = eng.predict_single(a)
+        assert again.cached and again.logits == first.logits and (eng.cache.hits, eng.cache.misses) == (1, 1)
+        eng.predict_batch([b, c])  # capacity 2: evicts a, the least recently used
+        assert not eng.predict_single(a).cached
+        assert eng.stats().cache_hits == 1 and eng.stats().cache_misses == 4
+        assert_matches([again], [a], reference)
+
+
+def test_result_cache_is_keyed_by_model_version():
+    cache = ResultCache(10)
+    p = Prediction("x", 1.0, {"x": 1.0}, (0.0,), "v1")
+    cache.put(("v1", "t"), p)
+    assert cache.get(("v2", "t")) is None and cache.get(("v1", "t")) is p
+    with pytest.raises(ValueError, match="cache_size"):
+        ResultCache(-1)
+
+
+def test_unbatched_mode_gives_the_same_answers(mixed_texts, tiny_model_dir, reference):
+    with InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(1, 4), batching=False,
+                         cache_size=0) as eng:
+        assert_matches([eng.predict_single(t) for t in mixed_texts[:6]], mixed_texts[:6], reference)
+        assert_matches(eng.predict_batch(mixed_texts[:9]).results, mixed_texts[:9], reference)
+        assert eng.stray_compilations == 0
+
+
+def test_queue_full_is_immediate_and_expired_requests_are_dropped_unrun(tiny_model_dir):
+    # The batcher waits up to 1.5 s to fill a batch of 4, so two requests sit in a queue of two.
+    with InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(1, 4), length_buckets=(32,),
+                         max_queue_size=2, max_wait_ms=1500, request_timeout_s=0.3, cache_size=0) as eng:
+        queued = [eng.submit("first"), eng.submit("second")]
+        start = time.perf_counter()
+        with pytest.raises(QueueFullError, match="max_queue_size=2"):
+            eng.predict_single("third")
+        assert time.perf_counter() - start < 0.1
+        # Past their 0.3 s deadline when the batcher takes them at 1.5 s: dropped, never run.
+        for future in queued:
+            with pytest.raises(DeadlineExceeded, match="dropped without running"):
+                future.result(timeout=5)
+        stats = eng.stats()
+        assert stats.batches == 0 and stats.dropped_deadline == 2 and stats.rejected_queue_full == 1
+
+
+def test_caller_gives_up_at_its_deadline(tiny_model_dir):
+    with InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(1, 4), length_buckets=(32,),
+                         max_wait_ms=1000, request_timeout_s=0.2, cache_size=0) as eng:
+        start = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            eng.predict_single("nobody will wait a second for this")
+        assert 0.15 < time.perf_counter() - start < 0.8
+        eng.close()  # flushes the queue: the cancelled request is skipped
+        assert eng.stats().batches == 0 and eng.stats().dropped_deadline == 1
+
+
+def test_close_finishes_queued_work_then_refuses(mixed_texts, tiny_model_dir, reference):
+    eng = InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(1, 4), length_buckets=(32,),
+                          max_wait_ms=5000, cache_size=0)
+    futures = [eng.submit(t) for t in mixed_texts[:3]]
+    start = time.perf_counter()
+    eng.close()  # does not wait out max_wait_ms
+    assert time.perf_counter() - start < 2
+    assert_matches([f.result(timeout=0) for f in futures], mixed_texts[:3], reference)
+    with pytest.raises(EngineClosedError):
+        eng.predict_single("too late")
+
+
+def test_bad_buckets_fail_fast_with_the_reason(tiny_model_dir):
+    with pytest.raises(ValueError, match="largest of batch_buckets must equal max_batch_size=32"):
+        InferenceEngine(tiny_model_dir, batch_buckets=(1, 4, 16))
+    with pytest.raises(ValueError, match="max_position_embeddings=32"):
+        InferenceEngine(tiny_model_dir, max_batch_size=4, length_buckets=(8, 16))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(4, 1, 4))
