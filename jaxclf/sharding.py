@@ -79,6 +79,24 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(leaf_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def like_params_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree holding copies of the params (optimiser moments): a leaf whose path ends
+    with a parameter's path and has its shape gets that parameter's sharding; the rest replicate."""
+    by_path = {}
+    for (path, p), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings)):
+        by_path[tuple(path)] = (np.shape(p), s)
+
+    def leaf(path, x):
+        path = tuple(path)
+        for i in range(len(path)):
+            hit = by_path.get(path[i:])
+            if hit is not None and hit[0] == np.shape(x):
+                return hit[1]
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxclf import classifier, data, flops, model_dir, optim, sharding, tokenizer as tokenization
+from jaxclf import classifier, data, flops, model_dir, optim, sharding, tokenizer as tokenization, weights
 from jaxclf.checkpoint import Checkpointer, abstract_like
 from jaxclf.config import ConfigError, ModelConfig
 from jaxclf.metrics import classification_report
@@ -309,7 +309,7 @@ def _prepare_tokenizer_and_config(model_cfg: ModelConfig, cfg: TrainingConfig, t
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(str(tok_path))
     else:
-        tok = tokenization.train_wordpiece(texts, vocab_size=cfg.tokenizer_vocab_size)
+        tok = tokenization.train_tokenizer(texts, vocab_size=cfg.tokenizer_vocab_size)
         if jax.process_index() == 0:
             tmp = tok_path.with_suffix(".tmp")
             tok.save(str(tmp))
@@ -319,11 +319,83 @@ def _prepare_tokenizer_and_config(model_cfg: ModelConfig, cfg: TrainingConfig, t
     return tok, config, None
 
 
+@dataclasses.dataclass
+class TrainSetup:
+    """The pieces of a run that depend only on the configs and the mesh."""
+
+    graphdef: Any
+    rest: Any  # the model's non-parameter state (RNG streams)
+    tx: optax.GradientTransformation
+    schedule: Any
+    state: dict | None  # {"params", "opt_state", "step", "rng", "loss_scale", "good_steps"}
+    state_shardings: dict
+    param_shardings: Any
+
+
+def build_train_state(config: ModelConfig, cfg: TrainingConfig, mesh, total_steps: int,
+                      init_tensors: dict | None = None, abstract: bool = False) -> TrainSetup:
+    """Model, optimiser and train state placed on `mesh` (only shapes and shardings when `abstract`)."""
+    abstract_model = nnx.eval_shape(lambda: create_model(config, cfg.seed))
+    graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
+    param_shardings = sharding.state_shardings(abstract_params, mesh)
+    tx, schedule = optim.make_optimizer(
+        learning_rate=cfg.learning_rate, warmup_steps=min(cfg.warmup_steps, total_steps),
+        total_steps=total_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon, decay=cfg.lr_schedule)
+
+    def init_state(params):
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+                "rng": jax.random.key_data(jax.random.key(cfg.seed + 2)),
+                "loss_scale": jnp.float32(cfg.loss_scale_init if cfg.mixed_precision == "fp16" else 1.0),
+                "good_steps": jnp.int32(0)}
+
+    state_shardings = {
+        "params": param_shardings,
+        "opt_state": sharding.like_params_shardings(jax.eval_shape(tx.init, abstract_params),
+                                                    abstract_params, param_shardings, mesh),
+        **{k: sharding.replicated(mesh) for k in ("step", "rng", "loss_scale", "good_steps")}}
+    make = jax.jit(init_state, out_shardings=state_shardings)
+    if abstract:
+        rest = None
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             jax.eval_shape(init_state, abstract_params), state_shardings)
+    elif init_tensors is not None:
+        model = create_model(config, cfg.seed)
+        weights.load_torch_state(model, init_tensors, source=cfg.init_from or "initial weights")
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        state = make(jax.device_put(params, param_shardings))
+    else:
+        def fresh():  # initialised directly in place: no host copy of the weights
+            _, params, rest = nnx.split(create_model(config, cfg.seed), nnx.Param, ...)
+            return params, rest
+        params, rest = jax.jit(fresh, out_shardings=(param_shardings, sharding.replicated(mesh)))()
+        state = make(params)
+    return TrainSetup(graphdef, rest, tx, schedule, state, state_shardings, param_shardings)
+
+
+def restore_checkpoint(output_dir: str | os.PathLike, mesh=None, step: int | None = None) -> tuple[dict, dict]:
+    """(train state, meta) of a run's checkpoint (latest by default), placed on `mesh` (default: all devices).
+
+    The mesh may differ from the one that wrote it: 8 devices -> 1, 1 -> 4, ...
+    """
+    ckpt = Checkpointer(Path(output_dir) / "checkpoints", async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {Path(output_dir) / 'checkpoints'}")
+    meta = ckpt.restore_meta(step)
+    config = ModelConfig.from_dict(meta["model_config"])
+    cfg = TrainingConfig(**meta["training_config"])
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    setup = build_train_state(config, cfg, mesh, meta["total_steps"], abstract=True)
+    state = ckpt.restore_state(step, setup.state)
+    ckpt.close()
+    return state, meta
+
+
 def train(model_cfg: ModelConfig, cfg: TrainingConfig) -> TrainResult:
     """Train (or resume) a classifier and export the best checkpoint to OUTPUT/model."""
     out = Path(cfg.output_dir)
     is_main = jax.process_index() == 0
-    out.mkdir(parents=True, exist_ok=True)
 
     # Data: read and validate everything before anything is written.
     (texts, labels, lines), (eval_texts, eval_labels, eval_lines) = _load_splits(cfg)
@@ -334,6 +406,7 @@ def train(model_cfg: ModelConfig, cfg: TrainingConfig) -> TrainResult:
     train_ids = data.label_ids(labels, label_names, cfg.train_file, lines=lines)
     eval_ids = data.label_ids(eval_labels, label_names, cfg.eval_file or cfg.train_file, lines=eval_lines)
 
+    out.mkdir(parents=True, exist_ok=True)
     tok, config, init_tensors = _prepare_tokenizer_and_config(model_cfg, cfg, texts, label_names, out)
     tok = tokenization.configure(tok, config.max_position_embeddings, config.pad_token_id)
     export_config = config  # what the model directory records (fp32 compute unless asked otherwise)
@@ -357,140 +430,109 @@ def train(model_cfg: ModelConfig, cfg: TrainingConfig) -> TrainResult:
                           f"{n_dev} devices) is larger than the {len(train_ds)} training examples")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 
-    # Model, optimiser and their shardings.
-    abstract_model = nnx.eval_shape(lambda: create_model(config, cfg.seed))
-    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-    param_shardings = sharding.state_shardings(abstract_params, mesh)
-    tx, schedule = optim.make_optimizer(
-        learning_rate=cfg.learning_rate, warmup_steps=min(cfg.warmup_steps, total_steps),
-        total_steps=total_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon, decay=cfg.lr_schedule)
+    setup = build_train_state(config, cfg, mesh, total_steps, init_tensors)
+    graphdef, rest, tx, schedule = setup.graphdef, setup.rest, setup.tx, setup.schedule
+    state, state_shardings, param_shardings = setup.state, setup.state_shardings, setup.param_shardings
 
-    def init_state(params):
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-                "rng": jax.random.key_data(jax.random.key(cfg.seed + 2)),
-                "loss_scale": jnp.float32(cfg.loss_scale_init if cfg.mixed_precision == "fp16" else 1.0),
-                "good_steps": jnp.int32(0)}
+    train_step = jax.jit(make_train_step(graphdef, rest, tx, schedule, cfg), donate_argnums=0,
+                         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)))
+    eval_step = jax.jit(make_eval_step(graphdef, rest),
+                        in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                        out_shardings=sharding.replicated(mesh))
 
-    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
-        if init_tensors is not None:
-            model = create_model(config, cfg.seed)
-            from jaxclf import weights
-            weights.load_torch_state(model, init_tensors, source=cfg.init_from)
-            host_params = nnx.state(model, nnx.Param)
-            params = jax.device_put(host_params, param_shardings)
-        else:
-            params = jax.jit(lambda: nnx.state(create_model(config, cfg.seed), nnx.Param),
-                             out_shardings=param_shardings)()
-        _, _, rest = nnx.split(create_model(config, cfg.seed), nnx.Param, ...)
-        state_shape = jax.eval_shape(init_state, params)
-        state_shardings = {
-            "params": param_shardings,
-            "opt_state": jax.tree.map(lambda x: x.sharding,
-                                      jax.jit(tx.init)(params)),
-            **{k: sharding.replicated(mesh) for k in ("step", "rng", "loss_scale", "good_steps")}}
-        state = jax.jit(init_state, out_shardings=state_shardings)(params)
-        del params
+    pad_id = config.pad_token_id
+    iterator = data.train_batches(train_ds, global_batch_size=global_batch, seed=cfg.seed, buckets=buckets,
+                                  pad_id=pad_id, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    eval_ds = data.tokenize_dataset(tok, eval_texts, eval_ids) if eval_texts else None
 
-        train_step = jax.jit(make_train_step(graphdef, rest, tx, schedule, cfg), donate_argnums=0,
-                             in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                             out_shardings=(state_shardings, sharding.replicated(mesh)))
-        eval_step = jax.jit(make_eval_step(graphdef, rest),
-                            in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
-                            out_shardings=sharding.replicated(mesh))
+    def evaluate(params) -> dict:
+        all_logits, all_loss, all_w, all_y = [], [], [], []
+        for batch in data.eval_batches(eval_ds, global_batch_size=eval_batch, buckets=buckets, pad_id=pad_id,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count()):
+            logits, per_example = eval_step(params, sharding.global_batch(batch, mesh))
+            w = _gather(batch["weights"])
+            all_logits.append(np.asarray(logits)), all_loss.append(np.asarray(per_example))
+            all_w.append(w), all_y.append(_gather(batch["labels"]))
+        w = np.concatenate(all_w) > 0
+        logits, y = np.concatenate(all_logits)[w], np.concatenate(all_y)[w]
+        report = classification_report(y, logits.argmax(-1), label_names,
+                                       loss=float(np.concatenate(all_loss)[w].mean()))
+        probs = classifier.softmax(logits.astype(np.float64))
+        report["confidence_histogram"] = np.histogram(probs.max(-1), bins=10, range=(0, 1))[0].tolist()
+        report["predicted_label_counts"] = np.bincount(probs.argmax(-1), minlength=len(label_names)).tolist()
+        return report
 
-        pad_id = config.pad_token_id
-        iterator = data.train_batches(train_ds, global_batch_size=global_batch, seed=cfg.seed, buckets=buckets,
-                                      pad_id=pad_id, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
-        eval_ds = data.tokenize_dataset(tok, eval_texts, eval_ids) if eval_texts else None
+    ckpt = Checkpointer(out / "checkpoints", keep_latest=cfg.save_total_limit,
+                        keep_best=cfg.save_best_total if eval_ds is not None else 0,
+                        metric=cfg.metric_for_best_model, greater_is_better=cfg.greater_is_better,
+                        async_save=cfg.async_checkpointing)
+    meta = {"step": 0, "total_steps": total_steps, "evals": [], "best": None, "evals_without_improvement": 0,
+            "model_config": config.to_dict(), "training_config": cfg.to_dict()}
+    start = ckpt.latest_step()
+    if start is not None:
+        state, meta = ckpt.restore(start, abstract_like(state), iterator)
+        log.info("resumed from the checkpoint at step %d of %d", start, total_steps)
+    step = start_step = int(meta["step"])
+    logger = _Logger(out, is_main, resume_step=step)
 
-        def evaluate(params) -> dict:
-            all_logits, all_loss, all_w, all_y = [], [], [], []
-            for batch in data.eval_batches(eval_ds, global_batch_size=eval_batch, buckets=buckets, pad_id=pad_id,
-                                           process_index=jax.process_index(),
-                                           process_count=jax.process_count()):
-                logits, per_example = eval_step(params, sharding.global_batch(batch, mesh))
-                w = _gather(batch["weights"])
-                all_logits.append(np.asarray(logits)), all_loss.append(np.asarray(per_example))
-                all_w.append(w), all_y.append(_gather(batch["labels"]))
-            w = np.concatenate(all_w) > 0
-            logits, y = np.concatenate(all_logits)[w], np.concatenate(all_y)[w]
-            report = classification_report(y, logits.argmax(-1), label_names,
-                                           loss=float(np.concatenate(all_loss)[w].mean()))
-            probs = classifier.softmax(logits.astype(np.float64))
-            report["confidence_histogram"] = np.histogram(probs.max(-1), bins=10, range=(0, 1))[0].tolist()
-            report["predicted_label_counts"] = np.bincount(probs.argmax(-1), minlength=len(label_names)).tolist()
-            return report
-
-        ckpt = Checkpointer(out / "checkpoints", keep_latest=cfg.save_total_limit,
-                            keep_best=cfg.save_best_total if eval_ds is not None else 0,
-                            metric=cfg.metric_for_best_model, greater_is_better=cfg.greater_is_better,
-                            async_save=cfg.async_checkpointing)
-        meta = {"step": 0, "evals": [], "best": None, "evals_without_improvement": 0,
-                "model_config": config.to_dict(), "training_config": cfg.to_dict()}
-        start = ckpt.latest_step()
-        if start is not None:
-            state, meta = ckpt.restore(start, abstract_like(state), iterator)
-            log.info("resumed from the checkpoint at step %d of %d", start, total_steps)
-        step = start_step = int(meta["step"])
-        logger = _Logger(out, is_main, resume_step=step)
-
-        peak = flops.measure_matmul_peak(MIXED_PRECISION[cfg.mixed_precision]) * n_dev
-        log.info("model: %d parameters; %d steps (%d per epoch), global batch %d on %d device(s), mesh %s",
-                 sum(x.size for x in jax.tree.leaves(state["params"])), total_steps, steps_per_epoch,
-                 global_batch, n_dev, dict(mesh.shape))
-        progress = _progress(total_steps, step, enabled=cfg.progress_bar and is_main)
-        preempted, window, window_start = False, [], time.perf_counter()
-        with _Preemption() as preemption:
-            while step < total_steps and not _early_stop(meta, cfg):
-                local = next(iterator)
-                state, metrics = train_step(state, sharding.global_batch(local, mesh))
-                step += 1
-                if step == start_step + 1:  # the first step compiles: keep it out of the rates
-                    jax.block_until_ready(metrics)
-                    window_start = time.perf_counter()
-                else:
-                    window.append((metrics, local["input_ids"].shape[1]))
-                progress.update(1)
-                if window and (step % cfg.logging_steps == 0 or step == total_steps):
-                    jax.block_until_ready(window[-1][0])  # dispatch is asynchronous: time the finished work
-                    _log_window(logger, step, window, time.perf_counter() - window_start, config,
-                                global_batch, peak, progress)
-                    window, window_start = [], time.perf_counter()
-                eval_now = eval_ds is not None and (step % cfg.eval_steps == 0 or step == total_steps)
-                metrics_for_ckpt = None
-                if eval_now:
-                    report = evaluate(state["params"])
-                    _record_eval(meta, step, report, cfg)
-                    logger.write("eval", step, {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
-                    log.info("step %d eval: loss %.4f accuracy %.4f macro_f1 %.4f", step, report["loss"],
-                             report["accuracy"], report["macro_f1"])
-                    metrics_for_ckpt = {k: report[k] for k in ("loss", "accuracy", "macro_f1")}
-                    window_start = time.perf_counter()
-                meta["step"] = step
-                # The shared signal decides for every process together (a multi-host save is collective).
-                stop_now = _any_process(preemption.requested)
-                if eval_now or step % cfg.save_steps == 0 or step == total_steps or stop_now:
-                    ckpt.save(step, state, iterator, meta, metrics_for_ckpt)
-                if stop_now and step < total_steps:
-                    preempted = True
-                    break
-        progress.close()
-        ckpt.wait()
-        if preempted:
-            log.warning("preempted at step %d; checkpoint saved. Re-run the same command to resume.", step)
-            ckpt.close()
-            logger.close(None)
-            return TrainResult(model_dir=None, steps=step, eval_metrics=None, preempted=True)
-
-        # Export the best checkpoint (by the eval metric), or the last one without evaluation.
-        best = meta.get("best")
-        if best is not None and best["step"] != step:
-            state = ckpt.restore_state(best["step"], abstract_like(state))
-        eval_metrics = best["report"] if best is not None else None
-        host_params = _gather(state["params"])
+    peak = flops.measure_matmul_peak(MIXED_PRECISION[cfg.mixed_precision]) * n_dev
+    log.info("model: %d parameters; %d steps (%d per epoch), global batch %d on %d device(s), mesh %s",
+             sum(x.size for x in jax.tree.leaves(state["params"])), total_steps, steps_per_epoch,
+             global_batch, n_dev, dict(mesh.shape))
+    progress = _progress(total_steps, step, enabled=cfg.progress_bar and is_main)
+    preempted, window, window_start = False, [], time.perf_counter()
+    with _Preemption() as preemption:
+        while step < total_steps and not _early_stop(meta, cfg):
+            local = next(iterator)
+            state, metrics = train_step(state, sharding.global_batch(local, mesh))
+            step += 1
+            if step == start_step + 1:  # the first step compiles: keep it out of the rates
+                jax.block_until_ready(metrics)
+                window_start = time.perf_counter()
+            else:
+                window.append((metrics, local["input_ids"].shape[1]))
+            progress.update(1)
+            if window and (step % cfg.logging_steps == 0 or step == total_steps):
+                jax.block_until_ready(window[-1][0])  # dispatch is asynchronous: time the finished work
+                _log_window(logger, step, window, time.perf_counter() - window_start, config,
+                            global_batch, peak, progress)
+                window, window_start = [], time.perf_counter()
+            eval_now = eval_ds is not None and (step % cfg.eval_steps == 0 or step == total_steps)
+            metrics_for_ckpt = None
+            if eval_now:
+                report = evaluate(state["params"])
+                _record_eval(meta, step, report, cfg)
+                logger.write("eval", step, {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
+                log.info("step %d eval: loss %.4f accuracy %.4f macro_f1 %.4f", step, report["loss"],
+                         report["accuracy"], report["macro_f1"])
+                metrics_for_ckpt = {k: report[k] for k in ("loss", "accuracy", "macro_f1")}
+                window_start = time.perf_counter()
+            meta["step"] = step
+            # The shared signal decides for every process together (a multi-host save is collective).
+            stop_now = _any_process(preemption.requested)
+            if eval_now or step % cfg.save_steps == 0 or step == total_steps or stop_now:
+                ckpt.save(step, state, iterator, meta, metrics_for_ckpt)
+            if stop_now and step < total_steps:
+                preempted = True
+                break
+    progress.close()
+    ckpt.wait()
+    if preempted:
+        log.warning("preempted at step %d; checkpoint saved. Re-run the same command to resume.", step)
         ckpt.close()
+        logger.close(None)
+        return TrainResult(model_dir=None, steps=step, eval_metrics=None, preempted=True)
+
+    # Export the best checkpoint (by the eval metric), or the last one without evaluation.
+    best = meta.get("best")
+    if best is not None and best["step"] != step:
+        state = ckpt.restore_state(best["step"], abstract_like(state))
+    eval_metrics = best["report"] if best is not None else None
+    host_params = _gather(state["params"])
+    ckpt.close()
     export_dir = None
     if is_main:
         model = create_model(export_config, cfg.seed)

@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides, e.g. model.d_model=128 train.num_train_epochs=2")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

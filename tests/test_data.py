@@ -191,7 +191,7 @@ def test_label_ids_and_unknown_eval_label(tmp_path):
 
 def test_tokenize_once_without_padding():
     texts, labels, _ = data.read_examples(SAMPLE_CSV)
-    tok = tokenization.configure(tokenization.train_wordpiece(texts, vocab_size=500), max_length=32,
+    tok = tokenization.configure(tokenization.train_tokenizer(texts, vocab_size=500), max_length=32,
                                  pad_token_id=0)
     vocab = data.label_vocabulary(labels)
     ds = data.tokenize_dataset(tok, texts, data.label_ids(labels, vocab, SAMPLE_CSV))

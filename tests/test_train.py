@@ -1,0 +1,401 @@
+"""Training: configs, the loop's guarantees (resume, preemption, sharding, multi-host, mixed precision), exports.
+
+The heavier tests run scripts/train.py in subprocesses, because the number of (simulated)
+devices is fixed when JAX starts and because a kill must hit a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from jaxclf.config import ConfigError, ModelConfig
+from jaxclf.data import DataError
+from jaxclf.metrics import classification_report
+from jaxclf.presets import apply_overrides, get_preset
+from jaxclf.train import TrainingConfig, train
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "train.py"
+SAMPLE = ROOT / "data" / "sample_texts.csv"
+
+# A small, fast run: ~25k parameters, 30 steps, checkpoints every 5 steps.
+TINY = ["--config", "tiny", "--train", str(SAMPLE), "train.max_steps=30", "train.save_steps=5",
+        "train.eval_steps=10", "train.logging_steps=1", "train.async_checkpointing=false"]
+
+
+def _env(devices: int = 1) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+    return env
+
+
+def run_train(out: Path, *args: str, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--output", str(out), *args], cwd=ROOT,
+                          env=_env(devices), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def weights_of(model_dir: Path) -> dict[str, np.ndarray]:
+    return safetensors.numpy.load_file(str(model_dir / "model.safetensors"))
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not np.array_equal(a[k], b[k])]
+    worst = max((float(np.abs(a[k] - b[k]).max()) for k in different), default=0.0)
+    assert not different, f"{len(different)} tensors differ (max abs diff {worst:g}), e.g. {different[:3]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted tiny run on one device: the baseline the interrupted runs must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_train(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_training_config_rejects_bad_values_by_name():
+    with pytest.raises(ConfigError, match="mixed_precision.*'fp8'"):
+        TrainingConfig(mixed_precision="fp8")
+    with pytest.raises(ConfigError, match="eval_split"):
+        TrainingConfig(eval_split=1.5)
+    with pytest.raises(ConfigError, match="d_model % nhead"):
+        ModelConfig(d_model=10, nhead=3)
+
+
+def test_dotted_overrides_parse_by_field_type():
+    model, train_cfg = get_preset("tiny")
+    model, train_cfg = apply_overrides(model, train_cfg, [
+        "model.d_model=48", "model.norm_first=true", "train.learning_rate=3e-4",
+        "train.length_buckets=16,32", "train.eval_file=none", "train.labels=a,b"])
+    assert (model.d_model, model.norm_first) == (48, True)
+    assert train_cfg.learning_rate == 3e-4 and train_cfg.length_buckets == (16, 32)
+    assert train_cfg.eval_file is None and train_cfg.labels == ("a", "b")
+    with pytest.raises(ConfigError, match="no field 'd_modle'"):
+        apply_overrides(model, train_cfg, ["model.d_modle=3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        apply_overrides(model, train_cfg, ["model.nhead=four"])
+    with pytest.raises(ConfigError, match="neither a preset"):
+        get_preset("no-such-preset")
+
+
+def test_classification_report_by_hand():
+    # true: a a b b c ; pred: a b b b a
+    report = classification_report([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], ["a", "b", "c"], loss=0.5)
+    assert report["accuracy"] == pytest.approx(3 / 5)
+    assert report["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    pc = report["per_class"]
+    assert pc["a"]["precision"] == pytest.approx(0.5) and pc["a"]["recall"] == pytest.approx(0.5)
+    assert pc["b"]["precision"] == pytest.approx(2 / 3) and pc["b"]["recall"] == pytest.approx(1.0)
+    assert pc["c"]["f1"] == 0.0 and pc["c"]["support"] == 1
+    assert report["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_training_data_fails_with_named_error_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text('text,label\n"fine text",positive\n"another",negative,extra\n', encoding="utf-8")
+    out = tmp_path / "run"
+    model, cfg = get_preset("tiny")
+    cfg = apply_overrides(model, cfg, [])[1]
+    import dataclasses
+    cfg = dataclasses.replace(cfg, train_file=str(bad), output_dir=str(out))
+    with pytest.raises(DataError, match=r"bad\.csv:3:.*field"):
+        train(model, cfg)
+    assert not out.exists(), "a failed run must not create its output directory"
+
+
+def test_unknown_eval_label_is_named(tmp_path):
+    ev = tmp_path / "eval.csv"
+    ev.write_text("text,label\nsome words here,positive\nmore words,furious\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--eval", str(ev), "--output", str(tmp_path / "r")],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "furious" in proc.stderr and "eval.csv" in proc.stderr and "line 3" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------- the main job
+
+
+@pytest.mark.slow
+def test_default_command_trains_on_sample_data_and_both_frameworks_load_the_export(tmp_path):
+    """`python scripts/train.py` with no arguments, from a directory holding data/sample_texts.csv."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sample_texts.csv").write_bytes(SAMPLE.read_bytes())
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "runs" / "default"
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"default run: {wall:.1f} s wall, eval accuracy {summary['accuracy']:.3f}")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json"):
+        assert (out / "model" / name).is_file()
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    assert list((out / "tensorboard").iterdir()), "no TensorBoard event file"
+    kinds = {json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert kinds == {"train", "eval"}
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert set(metrics["eval"]["per_class"]) == {"negative", "neutral", "positive"}
+
+    import jaxclf
+    import torch_ref
+    texts = ["The food was cold and the waiter ignored us.", "Absolutely loved it!", "It opens at nine.", ""]
+    with jax.default_matmul_precision("highest"):
+        jax_logits = jaxclf.load(out / "model").logits(texts)
+    torch_logits = torch_ref.load(out / "model").logits(texts)
+    err = float(np.abs(jax_logits - torch_logits).max())
+    assert err < 1e-5, f"JAX vs torch_ref logits differ by {err:g}"
+
+
+# ----------------------------------------------------------------------------- resumption
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_point_then_rerun_gives_bitwise_identical_weights(tmp_path, reference_run):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT), *TINY, "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpts = out / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+            break
+        time.sleep(0.05)
+    delay = random.Random().uniform(0.0, 0.6)
+    time.sleep(delay)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed, f"the run finished before it could be killed: {proc.stderr.read()[-2000:]}"
+    assert not (out / "model").exists()
+    run_train(out)  # the same command again: resumes from the latest complete checkpoint
+    assert_bitwise_equal(weights_of(out / "model"), weights_of(reference_run / "model"))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path, reference_run):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT), *TINY, "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "preempted at step" in stderr
+    from jaxclf.checkpoint import Checkpointer
+    saved = Checkpointer(out / "checkpoints", async_save=False).latest_step()
+    assert saved is not None and 0 < saved < 30, f"expected a mid-run checkpoint, got {saved}"
+    assert not (out / "model").exists()
+    run_train(out)
+    assert_bitwise_equal(weights_of(out / "model"), weights_of(reference_run / "model"))
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+@pytest.mark.slow
+def test_eight_devices_data_x_fsdp_match_one_device(tmp_path):
+    common = ["train.max_steps=6", "train.eval_split=0", "train.save_steps=100"]
+    one = tmp_path / "one"
+    run_train(one, *common, "train.per_device_train_batch_size=16")
+    eight = tmp_path / "eight"
+    run_train(eight, *common, "train.per_device_train_batch_size=2", "train.mesh_data=2", "train.mesh_fsdp=4",
+              devices=8)
+    a, b = train_losses(one), train_losses(eight)
+    assert a.keys() == b.keys() and len(a) >= 5
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst < 1e-5, f"per-step losses differ by up to {worst:g}: {a} vs {b}"
+    wa, wb = weights_of(one / "model"), weights_of(eight / "model")
+    worst_w = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+    assert worst_w < 1e-5, f"final weights differ by {worst_w:g}"
+
+
+RESTORE_CHECK = """
+import sys, numpy as np, jax, safetensors.numpy
+from jaxclf import sharding, weights
+from jaxclf.train import restore_checkpoint
+out, fsdp = sys.argv[1], int(sys.argv[2])
+mesh = sharding.make_mesh(data=-1, fsdp=fsdp)
+state, meta = restore_checkpoint(out, mesh=mesh)
+assert jax.device_count() == mesh.size
+from flax import nnx
+from jaxclf.model import create_model
+from jaxclf.config import ModelConfig
+model = create_model(ModelConfig.from_dict(meta["model_config"]))
+nnx.update(model, jax.tree.map(np.asarray, state["params"]))
+restored = weights.to_torch_state(model)
+exported = safetensors.numpy.load_file(out + "/model/model.safetensors")
+bad = [k for k in exported if not np.array_equal(exported[k], restored[k])]
+shardings = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}
+print("devices", jax.device_count(), "specs", sorted(shardings))
+assert not bad, bad
+"""
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_across_meshes(tmp_path):
+    """Saved on 8 devices (data 2 x fsdp 4) -> restored on 1; saved on 1 -> restored on 4 (fsdp 4)."""
+    common = ["train.max_steps=4", "train.eval_split=0", "train.save_steps=4"]
+    eight = tmp_path / "eight"
+    run_train(eight, *common, "train.per_device_train_batch_size=2", "train.mesh_data=2", "train.mesh_fsdp=4",
+              devices=8)
+    one = tmp_path / "one"
+    run_train(one, *common, "train.per_device_train_batch_size=16")
+    for out, devices, fsdp in ((eight, 1, 1), (one, 4, 4)):
+        proc = subprocess.run([sys.executable, "-c", RESTORE_CHECK, str(out), str(fsdp)], cwd=ROOT,
+                              env=_env(devices), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"devices {devices}" in proc.stdout
+        if fsdp > 1:
+            assert "fsdp" in proc.stdout, "restored params were not sharded over the new mesh"
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_match_one_process(tmp_path):
+    common = ["train.max_steps=6", "train.eval_split=0.2", "train.eval_steps=6", "train.save_steps=3"]
+    single = tmp_path / "single"
+    run_train(single, *common, "train.per_device_train_batch_size=16")
+    multi = tmp_path / "multi"
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, str(SCRIPT), *TINY, "--output", str(multi), *common,
+         "train.per_device_train_batch_size=8", "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", str(i)],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    a, b = train_losses(single), train_losses(multi)
+    assert a.keys() == b.keys()
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst < 1e-5, f"per-step losses differ by up to {worst:g}"
+    wa, wb = weights_of(single / "model"), weights_of(multi / "model")
+    worst_w = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+    assert worst_w < 1e-5, f"final weights differ by {worst_w:g}"
+    ma = json.loads((single / "model" / "metrics.json").read_text())["eval"]
+    mb = json.loads((multi / "model" / "metrics.json").read_text())["eval"]
+    assert ma["confusion_matrix"] == mb["confusion_matrix"]
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+def keyword_dataset(path: Path, n: int = 192) -> Path:
+    """Three classes, each text holding one class keyword among filler words: learnable in a few dozen steps."""
+    import csv
+    rng = random.Random(0)
+    filler = "the a of and to in is it that was for on with as this at by from".split()
+    keys = {"negative": ["awful", "terrible", "broken"], "neutral": ["tuesday", "meters", "schedule"],
+            "positive": ["wonderful", "delightful", "superb"]}
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = list(keys)[i % 3]
+            words = [rng.choice(filler) for _ in range(rng.randint(4, 12))]
+            words.insert(rng.randint(0, len(words)), rng.choice(keys[label]))
+            writer.writerow([" ".join(words), label])
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_train(tmp_path, precision):
+    out = tmp_path / precision
+    data_file = keyword_dataset(tmp_path / "keywords.csv")
+    proc = run_train(out, "--train", str(data_file), f"train.mixed_precision={precision}", "train.max_steps=100",
+                     "train.learning_rate=3e-3", "train.lr_schedule=constant", "train.eval_split=0",
+                     "train.save_steps=1000")
+    losses = list(train_losses(out).values())
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.5 * first, f"{precision}: loss did not fall ({first:.3f} -> {last:.3f})"
+    config = json.loads((out / "model" / "config.json").read_text())["model"]
+    assert config["dtype"] == "float32", "the export should record fp32 compute for serving"
+    assert "Traceback" not in proc.stderr
+
+
+def test_fp16_overflow_step_is_skipped_not_applied():
+    """A loss scale so large the scaled gradients overflow: params and optimiser state stay, the scale halves."""
+    import jax.numpy as jnp
+    from jaxclf import sharding
+    from jaxclf.train import build_train_state, make_train_step
+
+    config = ModelConfig(vocab_size=50, d_model=16, nhead=2, num_encoder_layers=1, dim_feedforward=32,
+                         max_position_embeddings=16, dtype="float16")
+    cfg = TrainingConfig(mixed_precision="fp16", loss_scale_init=3e38, warmup_steps=0)
+    mesh = sharding.make_mesh()
+    setup = build_train_state(config, cfg, mesh, total_steps=10)
+    step = jax.jit(make_train_step(setup.graphdef, setup.rest, setup.tx, setup.schedule, cfg))
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": jnp.asarray(rng.integers(5, 50, (4, 8)), jnp.int32),
+             "attention_mask": jnp.ones((4, 8), jnp.int32), "labels": jnp.asarray([0, 1, 2, 0], jnp.int32),
+             "weights": jnp.ones((4,), jnp.float32)}
+    before = jax.tree.map(np.asarray, setup.state)
+    after, metrics = step(setup.state, batch)
+    assert int(metrics["skipped"]) == 1
+    assert float(after["loss_scale"]) == pytest.approx(1.5e38)
+    for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"])):
+        assert np.array_equal(a, np.asarray(b)), "an overflowed step changed the parameters"
+    for a, b in zip(jax.tree.leaves(before["opt_state"]), jax.tree.leaves(after["opt_state"])):
+        assert np.array_equal(a, np.asarray(b)), "an overflowed step changed the optimiser state"
+    # With a sane scale the same batch is applied.
+    sane = dict(after, loss_scale=jnp.float32(1024.0))
+    applied, metrics = step(sane, batch)
+    assert int(metrics["skipped"]) == 0
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(applied["params"])))
+
+
+# ----------------------------------------------------------------------------- retention and early stopping
+
+
+def test_retention_keeps_latest_and_best_and_early_stopping_stops(tmp_path):
+    out = tmp_path / "run"
+    # A learning rate too small to change any prediction: the metric never improves after the first eval.
+    run_train(out, "train.learning_rate=1e-9", "train.max_steps=60", "train.eval_steps=5", "train.save_steps=5",
+              "train.early_stopping_patience=2", "train.save_total_limit=2", "train.save_best_total=1")
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [5, 10, 15], "expected a stop after 2 evaluations without improvement"
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 15 and len(steps) <= 3, steps
+    summary = json.loads((out / "model" / "metrics.json").read_text())
+    assert summary["step"] in steps, "the exported (best) checkpoint must have been kept"
