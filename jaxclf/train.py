@@ -64,6 +64,8 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # global-norm clipping; 0 disables it
+    layerwise_lr_decay: float = 1.0  # encoder layer k of L learns at lr * decay**(L-k), embeddings at decay**L; 1 disables
+    freeze_embeddings: bool = False  # no updates (and no AdamW state) for the embeddings.* parameters
     logging_steps: int = 10
     eval_steps: int = 50  # evaluate (and checkpoint) every N steps, and at the end
     save_steps: int = 50  # checkpoint every N steps
@@ -97,6 +99,7 @@ class TrainingConfig:
              "logging_steps/eval_steps/save_steps", ">= 1"),
             (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
             (self.max_grad_norm >= 0, "max_grad_norm", ">= 0"),
+            (0.0 < self.layerwise_lr_decay <= 1.0, "layerwise_lr_decay", "in (0, 1]"),
         ]
         for ok, name, accepted in checks:
             if not ok:
@@ -302,8 +305,10 @@ def _prepare_tokenizer_and_config(model_cfg: ModelConfig, cfg: TrainingConfig, t
         if tuple(label_names) != init_cfg.id2label:
             raise ConfigError(f"labels of the data {list(label_names)} differ from those of "
                               f"{cfg.init_from} {list(init_cfg.id2label)}; pass --labels to match")
-        config = init_cfg.replace(dropout=model_cfg.dropout, attention_dropout=model_cfg.attention_dropout)
-        return tok, config, tensors
+        # The model directory defines the whole architecture, dropout included; the preset's model
+        # section does not apply when fine-tuning.
+        log.info("fine-tuning %s: its model config is used as is (model.* settings are ignored)", cfg.init_from)
+        return tok, init_cfg, tensors
     tok_path = out / "tokenizer.json"
     if tok_path.exists():  # resuming: the vocabulary must be the one the checkpoints were trained with
         from tokenizers import Tokenizer
@@ -341,7 +346,9 @@ def build_train_state(config: ModelConfig, cfg: TrainingConfig, mesh, total_step
     tx, schedule = optim.make_optimizer(
         learning_rate=cfg.learning_rate, warmup_steps=min(cfg.warmup_steps, total_steps),
         total_steps=total_steps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon, decay=cfg.lr_schedule)
+        b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon, decay=cfg.lr_schedule,
+        layerwise_lr_decay=cfg.layerwise_lr_decay, freeze_embeddings=cfg.freeze_embeddings,
+        num_layers=config.num_encoder_layers)
 
     def init_state(params):
         return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),

@@ -399,3 +399,26 @@ def test_retention_keeps_latest_and_best_and_early_stopping_stops(tmp_path):
     assert steps[-1] == 15 and len(steps) <= 3, steps
     summary = json.loads((out / "model" / "metrics.json").read_text())
     assert summary["step"] in steps, "the exported (best) checkpoint must have been kept"
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+@pytest.mark.slow
+def test_fine_tune_from_model_dir_keeps_architecture_and_freezes_embeddings(tmp_path, tiny_model_dir):
+    """--init-from a model directory, with frozen embeddings, layer-wise LR decay and remat."""
+    out = tmp_path / "ft"
+    run_train(out, "--init-from", str(tiny_model_dir), "train.max_steps=6", "train.eval_steps=6",
+              "train.freeze_embeddings=true", "train.layerwise_lr_decay=0.8", "train.gradient_checkpointing=true",
+              "train.learning_rate=1e-3")
+    before, after = weights_of(Path(tiny_model_dir)), weights_of(out / "model")
+    assert before.keys() == after.keys()
+    embeddings = [k for k in before if k.startswith("embeddings.")]
+    assert embeddings and all(np.array_equal(before[k], after[k]) for k in embeddings), "embeddings moved"
+    moved = [k for k in before if not k.startswith("embeddings.") and not np.array_equal(before[k], after[k])]
+    assert moved, "nothing was trained"
+    src = json.loads((Path(tiny_model_dir) / "config.json").read_text())["model"]
+    dst = json.loads((out / "model" / "config.json").read_text())["model"]
+    assert {k: v for k, v in dst.items() if k != "gradient_checkpointing"} == \
+        {k: v for k, v in src.items() if k != "gradient_checkpointing"}
+    assert (out / "model" / "tokenizer.json").read_text() == (Path(tiny_model_dir) / "tokenizer.json").read_text()
