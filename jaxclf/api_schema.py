@@ -28,16 +28,23 @@ def text_schema(max_chars: int) -> dict[str, Any]:
             "description": "Text to classify; longer texts are truncated to the model's token limit."}
 
 
+KEY_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 256,
+              "description": "Optional routing key (a user or session id) when several model versions are "
+                             "served: the same key always reaches the same version. Also accepted as the "
+                             "X-Request-Key header."}
+
+
 def predict_request(max_chars: int) -> dict[str, Any]:
     return {"type": "object", "required": ["text"], "additionalProperties": False,
-            "properties": {"text": text_schema(max_chars)}}
+            "properties": {"text": text_schema(max_chars), "key": KEY_SCHEMA}}
 
 
 def batch_request(max_texts: int, max_chars: int) -> dict[str, Any]:
     return {"type": "object", "required": ["texts"], "additionalProperties": False,
             "properties": {"texts": {"type": "array", "minItems": 1, "maxItems": max_texts,
                                      "x-limit": "max_texts", "items": text_schema(max_chars),
-                                     "description": "Texts to classify; answers come in the same order."}}}
+                                     "description": "Texts to classify; answers come in the same order."},
+                           "key": KEY_SCHEMA}}
 
 
 PREDICTION = {
@@ -144,6 +151,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
                413: "body, text count or text length over a limit (the message names it)",
                415: "Content-Type is not application/json", 422: "empty text or empty list",
                429: "rate limit exceeded; see Retry-After",
+               401: "no 'Authorization: Bearer <token>' header", 403: "wrong admin token",
+               404: "admin endpoints are off (no admin token configured)",
+               409: "reload refused: the source cannot be resolved, or a reload is already running",
                503: "not ready, queue full or shutting down; see Retry-After"}
     return {str(s): {"description": reasons[s], **_json_body({"$ref": "#/components/schemas/Error"})}
             for s in statuses}
@@ -181,6 +191,11 @@ def openapi_document(max_texts: int, max_chars: int, version: str) -> dict[str, 
             "/metrics": info("Prometheus metrics", {"type": "string"}, "text/plain"),
             "/openapi.json": info("This document", {"type": "object"}),
             "/ui": info("A page to try the model in a browser", {"type": "string"}, "text/html"),
+            "/admin/reload": {"post": {
+                "summary": "Serve what the model source names now (e.g. after an alias moved); needs "
+                           "'Authorization: Bearer <admin token>' and is off without --admin-token",
+                "responses": {"200": {"description": "reloaded, or already serving it", **_json_body(
+                    {"type": "object"})}, **_errors(401, 403, 404, 409)}}},
         },
         "components": {"schemas": {
             "PredictRequest": predict_request(max_chars), "BatchRequest": batch_request(max_texts, max_chars),

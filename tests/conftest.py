@@ -36,3 +36,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_model") / "model"
     jaxclf.create(config, tokenizer).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_seed1(tiny_model_dir, tmp_path_factory) -> Path:
+    """Same config and tokenizer as tiny_model_dir, different weights (seed=1): a second model version."""
+    import jaxclf
+    from jaxclf import model_dir
+
+    config, _, tokenizer, _ = model_dir.read(tiny_model_dir)
+    path = tmp_path_factory.mktemp("tiny_model_seed1") / "model"
+    jaxclf.create(config, tokenizer, seed=1).save(path)
+    return path
