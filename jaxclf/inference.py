@@ -10,10 +10,11 @@ Requests only ever call those executables: a request is padded up to the nearest
 bucket, so no request can trigger a compilation (a `jax.monitoring` listener
 counts any that would, see `stray_compilations`).
 
-Batching: callers put texts on a bounded queue and wait on a future; one worker
-thread takes up to `max_batch_size` texts (or whatever arrived within
+Batching: callers put texts on a bounded queue and wait on a future; a free worker
+thread takes up to `max_batch_size` texts (whatever is queued, or what arrives within
 `max_wait_ms` of the oldest one), runs one compiled call and hands every caller
-its own row. Padding rows and padding positions are masked, so a text's logits do
+its own row. The default wait is 0 (continuous batching): requests that queue while
+a call runs form the next batch, so a lone request never waits for company. Padding rows and padding positions are masked, so a text's logits do
 not depend on what it was batched with.
 """
 
@@ -244,7 +245,8 @@ class InferenceEngine:
     model_path: a model directory (see jaxclf.model_dir).
     max_batch_size: most texts in one compiled call; also the largest batch bucket.
     cache_size: entries of the (model version, text) -> Prediction LRU cache; 0 disables it.
-    max_wait_ms: how long the batcher waits for a batch to fill, from the oldest request's arrival.
+    max_wait_ms: how long a worker waits for a batch to fill, from the oldest request's arrival;
+        0 (default) takes what is queued, best on CPU where a bigger batch saves little per text.
     max_queue_size: queued texts beyond which submissions raise QueueFullError.
     batch_buckets / length_buckets: shapes compiled at start-up; default powers of two up to
         max_batch_size, and the classifier's length_buckets up to max_position_embeddings.
@@ -252,19 +254,22 @@ class InferenceEngine:
     request_timeout_s: a request not started by then is dropped unrun (DeadlineExceeded).
     batching: False runs every call alone in the caller's thread (for comparison benchmarks).
     version: the model version reported and used in cache keys; default a content hash.
+    num_workers: batcher threads; two keep the device busy while the next batch is gathered.
     """
 
     def __init__(self, model_path: str | os.PathLike, max_batch_size: int = 32, cache_size: int = 1000,
-                 max_wait_ms: float = 5, max_queue_size: int = 256,
+                 max_wait_ms: float = 0, max_queue_size: int = 256,
                  batch_buckets: Sequence[int] | None = None, length_buckets: Sequence[int] | None = None,
                  compilation_cache_dir: str | os.PathLike | None = None, request_timeout_s: float = 10.0,
-                 batching: bool = True, version: str | None = None):
+                 batching: bool = True, version: str | None = None, num_workers: int = 2):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
         started = time.perf_counter()
@@ -309,10 +314,12 @@ class InferenceEngine:
         self._queue: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._worker = None
-        if batching:
-            self._worker = threading.Thread(target=self._worker_loop, name="jaxclf-batcher", daemon=True)
-            self._worker.start()
+        # Several workers: while one runs a compiled call (JAX releases the GIL), the next gathers
+        # what queued meanwhile, so batching never serialises the device behind one thread.
+        self._workers = [threading.Thread(target=self._worker_loop, name=f"jaxclf-batcher-{i}", daemon=True)
+                         for i in range(num_workers if batching else 0)]
+        for worker in self._workers:
+            worker.start()
         logger.info("model %s (version %s) ready in %.2fs: %d executables, batch buckets %s, "
                     "length buckets %s", self.model_path, self.version, self.startup_seconds,
                     len(self._executables), list(self.batch_buckets), list(self.length_buckets))
@@ -604,11 +611,11 @@ class InferenceEngine:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if self._worker is not None:
-            self._worker.join(timeout)
-            if self._worker.is_alive():
-                logger.warning("batcher still busy after %.1fs; %d request(s) queued", timeout,
-                               self.queue_depth())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+        if any(worker.is_alive() for worker in self._workers):
+            logger.warning("batcher still busy after %.1fs; %d request(s) queued", timeout, self.queue_depth())
 
     def __enter__(self) -> "InferenceEngine":
         return self

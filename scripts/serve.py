@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("inference")
     g.add_argument("--max-batch-size", type=int, default=None,
                    help="most requests in one compiled call (default: the largest --batch-buckets, else 32)")
-    g.add_argument("--max-wait-ms", type=float, default=5, help="longest wait for a batch to fill")
+    g.add_argument("--max-wait-ms", type=float, default=0,
+                   help="longest wait for a batch to fill; 0 batches whatever queued during the previous call")
+    g.add_argument("--batch-workers", type=int, default=2, help="batcher threads running compiled calls")
     g.add_argument("--max-queue-size", type=int, default=256, help="queued requests before 503 queue_full")
     g.add_argument("--cache-size", type=int, default=1000, help="LRU result cache entries (0 disables)")
     g.add_argument("--batch-buckets", type=_ints, default=None,
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=max_batch_size, max_wait_ms=args.max_wait_ms, max_queue_size=args.max_queue_size,
         cache_size=args.cache_size, batch_buckets=args.batch_buckets, length_buckets=args.length_buckets,
         request_timeout_s=args.request_timeout_s, batching=not args.no_batching, version=args.model_version,
+        num_workers=args.batch_workers,
         compilation_cache_dir=None if args.no_compilation_cache else args.compilation_cache_dir)
     try:
         app = service.create_app(
