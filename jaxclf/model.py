@@ -182,6 +182,27 @@ class Layer(nnx.Module):
         return _layer_norm(ffn_ln, x + self.dropout(h))
 
 
+def _rematerialized(layer: Layer, x: Array, mask: Array, batch: int) -> Array:
+    """layer(x) under jax.checkpoint: its activations are recomputed in the backward pass.
+
+    A pure function of the layer's state rather than nnx.remat: nnx.remat writes every Variable
+    back, which raises TraceContextError ("cannot mutate RngCount") under jax.grad of a model
+    merged from `nnx.split` state (without copy=True) even in eval mode, where the model without
+    checkpointing works. Only the dropout RNG state can change, and only in train mode; it is
+    written back then, so dropout draws the same keys as without checkpointing.
+    """
+    graphdef, rng_state, rest = nnx.split(layer, nnx.RngState, ...)
+
+    def run(rng_state, rest, x, mask):
+        lyr = nnx.merge(graphdef, rng_state, rest)
+        return lyr(x, mask, batch), nnx.state(lyr, nnx.RngState)
+
+    x, rng_state = jax.checkpoint(run)(rng_state, rest, x, mask)
+    if not (layer.dropout.deterministic and layer.attention.self.dropout.deterministic):
+        nnx.update(layer, rng_state)
+    return x
+
+
 class Encoder(nnx.Module):
     def __init__(self, config: ModelConfig, f: _Factory):
         self.gradient_checkpointing = config.gradient_checkpointing
@@ -192,7 +213,7 @@ class Encoder(nnx.Module):
     def __call__(self, x: Array, mask: Array, batch: int) -> Array:
         for layer in self.layer:
             if self.gradient_checkpointing:
-                x = nnx.remat(lambda lyr, h, m: lyr(h, m, batch))(layer, x, mask)
+                x = _rematerialized(layer, x, mask, batch)
             else:
                 x = layer(x, mask, batch)
         if hasattr(self, "LayerNorm"):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from jaxclf.config import ModelConfig
+from jaxclf.config import ConfigError, ModelConfig
 from torch_ref.model import TransformerClassifier
 
 Texts = Union[str, Iterable[str]]
@@ -22,6 +22,23 @@ def _require(model_dir: str, name: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name} not found in model directory {model_dir!r}")
     return path
+
+
+def _read_config(path: str) -> ModelConfig:
+    """The ModelConfig in config.json; every error names the file (and the field, for bad values)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ValueError(f"{path}: expected a JSON object with a \"model\" section (the ModelConfig)")
+    try:
+        return ModelConfig.from_dict(data["model"])
+    except ConfigError as e:  # names the field and the value
+        raise ConfigError(f"{path}: {e}") from e
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def _check_state_dict(model: torch.nn.Module, sd: dict, path: str) -> None:
@@ -102,15 +119,19 @@ def load(model_dir: str) -> TorchClassifier:
     weights_path = _require(model_dir, "model.safetensors")
     tokenizer_path = _require(model_dir, "tokenizer.json")
 
-    with open(config_path) as f:
-        config = ModelConfig.from_dict(json.load(f)["model"])
-
+    config = _read_config(config_path)
     model = TransformerClassifier(config)
-    sd = load_file(weights_path)
+    try:
+        sd = load_file(weights_path)
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+        raise ValueError(f"{weights_path}: cannot be read as safetensors ({e})") from e
     _check_state_dict(model, sd, weights_path)
     model.load_state_dict(sd, strict=True)
 
-    tok = Tokenizer.from_file(tokenizer_path)
+    try:
+        tok = Tokenizer.from_file(tokenizer_path)
+    except Exception as e:
+        raise ValueError(f"{tokenizer_path}: not a valid tokenizers file ({e})") from e
     tok.enable_truncation(max_length=config.max_position_embeddings)
     tok.enable_padding(pad_id=config.pad_token_id,
                        pad_token=tok.id_to_token(config.pad_token_id) or "[PAD]")

@@ -240,9 +240,10 @@ class TransformerClassifier(nn.Module):
         if pooling == "cls":
             pooled = h[:, 0]
         elif pooling == "mean":
-            m = attention_mask.to(h.dtype)  # (B, T)
-            # clamp: an all-padding row divides by 1 instead of 0
-            pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+            m = attention_mask.float()  # (B, T)
+            # Summed in float32 whatever the compute dtype, as in jaxclf; clamp: an all-padding
+            # row divides by 1 instead of 0.
+            pooled = ((h.float() * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)).to(h.dtype)
         else:  # "pooler"
             pooled = torch.tanh(self.pooler.dense(h[:, 0]))  # (B, D)
 
