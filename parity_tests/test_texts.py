@@ -66,3 +66,19 @@ def test_long_text_is_truncated_the_same_way(loaded):
 def test_empty_input_list(loaded):
     jax_side, torch_side = loaded
     assert jax_side.logits([]).shape == torch_side.logits([]).shape == (0, 3)
+
+
+def test_shorter_truncation_recorded_in_tokenizer_json_is_honoured_by_both(saved_model_dir, tmp_path):
+    """An imported tokenizer.json may truncate below max_position_embeddings (e.g. MiniLM: 256 of 512)."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    d = tmp_path / "short"
+    shutil.copytree(saved_model_dir, d)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.enable_truncation(max_length=10)
+    tok.save(str(d / "tokenizer.json"))
+    pair = jaxclf.load(d), torch_ref.load(d)
+    _, n = assert_same_logits(pair, [" ".join(sample_texts()[:20]), "short"])
+    assert n == 10

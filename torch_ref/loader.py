@@ -132,7 +132,11 @@ def load(model_dir: str) -> TorchClassifier:
         tok = Tokenizer.from_file(tokenizer_path)
     except Exception as e:
         raise ValueError(f"{tokenizer_path}: not a valid tokenizers file ({e})") from e
-    tok.enable_truncation(max_length=config.max_position_embeddings)
+    # As jaxclf: truncate at max_position_embeddings, or at a shorter length tokenizer.json records.
+    max_length = config.max_position_embeddings
+    if tok.truncation is not None:
+        max_length = min(max_length, tok.truncation["max_length"])
+    tok.enable_truncation(max_length=max_length)
     tok.enable_padding(pad_id=config.pad_token_id,
                        pad_token=tok.id_to_token(config.pad_token_id) or "[PAD]")
     return TorchClassifier(config, model, tok)
