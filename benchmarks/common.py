@@ -1,0 +1,89 @@
+"""Shared by the benchmark scripts: machine description, interleaved timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    """What ran the benchmark: CPU model, cores, memory, library versions, accelerator if any."""
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines()
+                          if l.startswith("MemTotal")).split()[1])
+        info["memory_gib"] = round(mem_kb / 2 ** 20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        import jax
+        info["jax"] = jax.__version__
+        info["jax_devices"] = [str(d) for d in jax.devices()]
+    except ImportError:
+        pass
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    try:
+        info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["gpu"] = None
+    return info
+
+
+def interleaved(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run each variant once per round, in turn (A, B, A, B, ...); each call returns seconds per unit."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            samples[name].append(run())
+    return samples
+
+
+def timed(fn: Callable[[], None], repeats: int) -> float:
+    """Seconds per call of fn (which must block until its work is done)."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def write_results(name: str, payload: dict, table: str) -> Path:
+    """benchmarks/results/NAME.json and NAME.md (the table, with the machine described)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    m = payload["machine"]
+    header = (f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count')} cores, {m.get('memory_gib', '?')} GiB; "
+              f"GPU: {m.get('gpu') or 'none'}; jax {m.get('jax', '-')}, torch {m.get('torch', '-')}; "
+              f"{payload['time_utc']}\n\n")
+    (RESULTS / f"{name}.md").write_text(header + table + "\n")
+    return RESULTS / f"{name}.md"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        return f"{x:,.3g}" if isinstance(x, float) else str(x)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)

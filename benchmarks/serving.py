@@ -1,0 +1,380 @@
+#!/usr/bin/env python
+"""Serving: requests/s and latency of scripts/serve.py under a bounded load, dynamic batching on vs off.
+
+Two servers run side by side on 127.0.0.1 (port 0), one with dynamic batching (the default) and one
+with --no-batching, both on the same model and compilation cache. A load generator of our own (threads,
+one keep-alive http.client connection each, a fixed number of requests per level) drives them in
+turn, level by level and round by round (on, off, on, off, ...), so both see the same machine noise.
+
+- POST /predict, one text per request, at --concurrency 1,8,32,64: requests/s, p50/p99 latency.
+- POST /predict/batch, --batch-texts texts per request, at --batch-concurrency: predictions/s.
+- Texts are sampled from data/sample_texts.csv (tweet-length reviews), each with a unique counter word
+  appended (" u123"), so the server's result cache never answers (checked: cache hits are reported).
+- Start-up: launch to /ready with an empty compilation cache (cold), then with it filled (cached).
+- Memory: VmRSS / VmHWM of each server process; and a check that no server mapped libtorch.
+
+The model is a random 4-layer d_model 256 classifier with a tokenizer trained on the sample texts,
+unless --model names a model directory. Everything is bounded and the servers get SIGTERM at the end.
+
+    python benchmarks/serving.py                          # ~3-4 min on 2 cores
+    python benchmarks/serving.py --quick                  # ~1 min: concurrency 1,8, fewer requests
+    python benchmarks/serving.py --model runs/default/model --concurrency 1,16 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import http.client
+import importlib.util
+import itertools
+import json
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from common import RESULTS, markdown_table, median, write_results  # noqa: E402
+from server_process import (SERVE_SCRIPT, ServerProcess, create_random_model_dir, http_json,  # noqa: E402
+                            metric_sum, sample_texts)
+
+MODES = ("batching on", "batching off")
+HEADERS = {"Content-Type": "application/json"}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,32; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return sorted(set(values))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model directory to serve (default: a random 4-layer d256 model)")
+    p.add_argument("--concurrency", type=_ints, default=[1, 8, 32, 64], help="client threads for /predict")
+    p.add_argument("--requests", type=int, default=256, help="/predict requests per level, round and server")
+    p.add_argument("--batch-concurrency", type=_ints, default=[1, 4, 8], help="client threads for /predict/batch")
+    p.add_argument("--batch-texts", type=int, default=32, help="texts per /predict/batch request")
+    p.add_argument("--batch-requests", type=int, default=24, help="/predict/batch requests per level, round and server")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level")
+    p.add_argument("--threads", type=int, default=None, help="waitress threads per server (default: serve.py's)")
+    p.add_argument("--max-wait-ms", type=float, default=None, help="batcher wait (default: serve.py's)")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="socket timeout of each client request")
+    p.add_argument("--quick", action="store_true", help="about a minute: concurrency 1,8, fewer requests, 2 rounds")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--name", default="serving", help="result file name under benchmarks/results/")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.requests, args.rounds = [1, 8], 64, 2
+        args.batch_concurrency, args.batch_requests = [1], 8
+    return args
+
+
+class UniqueTexts:
+    """Tweet-length texts from the sample CSV, each made unique by a counter word (defeats the result cache)."""
+
+    def __init__(self, seed: int = 0):
+        self.texts = sample_texts()
+        self.rng = np.random.default_rng(seed)
+        self.counter = itertools.count()
+        self.lock = threading.Lock()
+
+    def next(self, n: int = 1) -> list[str]:
+        with self.lock:
+            picks = self.rng.integers(0, len(self.texts), n)
+            return [f"{self.texts[i]} u{next(self.counter)}" for i in picks]
+
+
+def run_load(port: int, path: str, bodies: list[list[bytes]], timeout_s: float) -> dict:
+    """Send bodies[i] in order over thread i's own keep-alive connection, all threads at once.
+
+    Returns wall seconds (from the common start to the last response), per-request latencies of the
+    200 answers and a count of everything else. Bounded: a fixed number of requests per thread, each
+    with a socket timeout, and a join deadline.
+    """
+    concurrency = len(bodies)
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors: list[collections.Counter] = [collections.Counter() for _ in range(concurrency)]
+    start = threading.Barrier(concurrency + 1)
+
+    def worker(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+        try:
+            conn.connect()  # outside the timed part
+            start.wait(timeout=timeout_s)
+        except (OSError, threading.BrokenBarrierError) as e:
+            errors[i][type(e).__name__] += len(bodies[i])
+            conn.close()
+            return
+        for body in bodies[i]:
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", path, body, HEADERS)
+                response = conn.getresponse()
+                response.read()
+                status = response.status
+            except (OSError, http.client.HTTPException) as e:
+                status = type(e).__name__
+                conn.close()  # http.client reconnects on the next request
+            elapsed = time.perf_counter() - t0
+            if status == 200:
+                latencies[i].append(elapsed)
+            else:
+                errors[i][str(status)] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"load-{i}") for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    start.wait(timeout=timeout_s)
+    began = time.perf_counter()
+    deadline = began + timeout_s * max(len(b) for b in bodies) + 5
+    for t in threads:
+        t.join(max(0.0, deadline - time.perf_counter()))
+    wall = time.perf_counter() - began
+    stuck = sum(t.is_alive() for t in threads)
+    all_errors = sum(errors, collections.Counter())
+    if stuck:
+        all_errors["client_thread_still_running"] += stuck
+    return {"wall_s": wall, "latencies": [x for per in latencies for x in per], "errors": dict(all_errors)}
+
+
+def engine_counters(server: ServerProcess) -> dict[str, float]:
+    text = server.metrics_text()
+    return {name: metric_sum(text, name) for name in (
+        "jaxclf_batch_size_sum", "jaxclf_batch_size_count", "jaxclf_cache_hits_total", "jaxclf_cache_misses_total",
+        "jaxclf_rejected_queue_full_total", "jaxclf_compilations_total")}
+
+
+def measure(args, servers: dict[str, ServerProcess], texts: UniqueTexts, path: str, levels: list[int],
+            requests: int, texts_per_request: int) -> dict:
+    """Per level: every server in turn, `rounds` times; medians of rates, percentiles of all latencies."""
+
+    def bodies(concurrency: int, total: int) -> list[list[bytes]]:
+        counts = [total // concurrency + (1 if i < total % concurrency else 0) for i in range(concurrency)]
+        out = []
+        for n in counts:
+            if texts_per_request == 1:
+                out.append([json.dumps({"text": t}).encode() for t in texts.next(n)])
+            else:
+                out.append([json.dumps({"texts": texts.next(texts_per_request)}).encode() for _ in range(n)])
+        return out
+
+    results = {}
+    for level in levels:
+        total = max(requests, level)  # at least one request per thread
+        for server in servers.values():  # warm-up: connections, waitress threads, every bucket this level hits
+            run_load(server.port, path, bodies(level, max(level, min(total, 2 * level))), args.timeout_s)
+        runs = {mode: [] for mode in servers}
+        before = {mode: engine_counters(s) for mode, s in servers.items()}
+        for _ in range(args.rounds):
+            for mode, server in servers.items():
+                runs[mode].append(run_load(server.port, path, bodies(level, total), args.timeout_s))
+        after = {mode: engine_counters(s) for mode, s in servers.items()}
+        for mode in servers:
+            delta = {k: after[mode][k] - before[mode][k] for k in after[mode]}
+            ok_rates = [len(r["latencies"]) / r["wall_s"] for r in runs[mode]]
+            latencies = [x for r in runs[mode] for x in r["latencies"]]
+            errors = sum((collections.Counter(r["errors"]) for r in runs[mode]), collections.Counter())
+            rps = median(ok_rates)
+            results[f"{mode}/{level}"] = {
+                "mode": mode, "concurrency": level, "requests_per_round": total, "texts_per_request": texts_per_request,
+                "requests_per_s": rps, "predictions_per_s": rps * texts_per_request,
+                "requests_per_s_by_round": ok_rates,
+                "p50_ms": float(np.percentile(latencies, 50)) * 1e3 if latencies else float("nan"),
+                "p99_ms": float(np.percentile(latencies, 99)) * 1e3 if latencies else float("nan"),
+                "ok": len(latencies), "errors": dict(errors),
+                "texts_per_compiled_call": (delta["jaxclf_batch_size_sum"] / delta["jaxclf_batch_size_count"]
+                                            if delta["jaxclf_batch_size_count"] else float("nan")),
+                "cache_hits": delta["jaxclf_cache_hits_total"], "cache_misses": delta["jaxclf_cache_misses_total"]}
+            r = results[f"{mode}/{level}"]
+            print(f"{path} c={level:3d} {mode:12s}: {r['requests_per_s']:7.1f} req/s "
+                  f"({r['predictions_per_s']:7.1f} pred/s), p50 {r['p50_ms']:7.1f} ms, p99 {r['p99_ms']:7.1f} ms, "
+                  f"{r['texts_per_compiled_call']:.1f} texts/call, errors {r['errors'] or 0}", flush=True)
+    return results
+
+
+def start_servers(args, model_dir: Path, work: Path, stack: contextlib.ExitStack) -> tuple[dict, dict]:
+    """Cold start (then stopped), then the two servers measured, started on the filled cache."""
+    cache = work / "xla-cache"
+    common_args = []
+    if args.threads is not None:
+        common_args += ["--threads", str(args.threads)]
+    if args.max_wait_ms is not None:
+        common_args += ["--max-wait-ms", str(args.max_wait_ms)]
+    flags = {"batching on": common_args, "batching off": common_args + ["--no-batching"]}
+    startup = {}
+
+    def record(label: str, server: ServerProcess) -> None:
+        status, info = http_json(server.port, "GET", "/model/info")
+        startup[label] = {"launch_to_listening_s": server.listening_s, "launch_to_ready_s": server.ready_s,
+                          "engine_startup_s": server.ready_info.get("startup_seconds"),
+                          "executables": server.ready_info.get("compilations"), "memory_mib": server.rss(),
+                          "serving": info.get("serving") if status == 200 else None}
+        print(f"{label}: ready {server.ready_s:.2f}s after launch (engine {startup[label]['engine_startup_s']}s, "
+              f"{startup[label]['executables']} executables), RSS {startup[label]['memory_mib']['VmRSS']:.0f} MiB",
+              flush=True)
+
+    with ServerProcess(model_dir, flags["batching on"], cache_dir=cache, log_dir=work, name="cold") as cold:
+        cold.wait_ready()
+        record("batching on, cold cache", cold)
+    servers = {}
+    for mode in MODES:
+        server = stack.enter_context(ServerProcess(model_dir, flags[mode], cache_dir=cache, log_dir=work,
+                                                   name=mode.replace(" ", "-")))
+        server.wait_ready()
+        record(f"{mode}, cached", server)
+        servers[mode] = server
+    return servers, startup
+
+
+def token_lengths(model_dir: Path, texts: UniqueTexts, n: int = 200) -> dict:
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    sample = UniqueTexts(seed=123).next(n)  # same distribution, not consuming the load's counter
+    counts = [len(tok.encode(t).ids) for t in sample]
+    return {"median": float(np.median(counts)), "p90": float(np.percentile(counts, 90)), "max": int(max(counts)),
+            "example": sample[0]}
+
+
+def tables(args, predict: dict, batch: dict, startup: dict, memory: dict, tokens: dict) -> str:
+    rows = []
+    for level in args.concurrency:
+        on, off = predict[f"batching on/{level}"], predict[f"batching off/{level}"]
+        for r in (on, off):
+            rows.append([level, r["mode"], r["requests_per_s"], r["p50_ms"], r["p99_ms"], r["texts_per_compiled_call"],
+                         r["ok"], sum(r["errors"].values()),
+                         on["requests_per_s"] / off["requests_per_s"] if r is on and off["requests_per_s"] else ""])
+    predict_table = markdown_table(["concurrency", "server", "requests/s", "p50 ms", "p99 ms",
+                                    "texts per compiled call", "ok", "errors", "on / off (req/s)"], rows)
+    rows = []
+    for level in args.batch_concurrency:
+        for mode in MODES:
+            r = batch[f"{mode}/{level}"]
+            rows.append([level, mode, r["requests_per_s"], r["predictions_per_s"], r["p50_ms"], r["p99_ms"],
+                         r["texts_per_compiled_call"], r["ok"], sum(r["errors"].values())])
+    batch_table = markdown_table(["concurrency", "server", "requests/s", "predictions/s", "p50 ms", "p99 ms",
+                                  "texts per compiled call", "ok", "errors"], rows)
+    rows = [[label, s["launch_to_listening_s"], s["launch_to_ready_s"], s["engine_startup_s"], s["executables"],
+             s["memory_mib"]["VmRSS"]] for label, s in startup.items()]
+    start_table = markdown_table(["server start", "launch to listening s", "launch to ready s",
+                                  "engine load + compile s", "executables", "RSS after ready MiB"], rows)
+    rows = [[mode, m["VmRSS"], m["VmHWM"], ", ".join(m["torch_libraries"]) or "no"] for mode, m in memory.items()]
+    memory_table = markdown_table(["server", "RSS after the load MiB", "peak RSS MiB", "torch imported"], rows)
+    hits = sum(r["cache_hits"] for r in list(predict.values()) + list(batch.values()))
+    return (f"Model: {args.model_desc}. Client: {args.rounds} interleaved rounds per level (batching on, off, "
+            f"on, ...), {args.requests} /predict or {args.batch_requests} /predict/batch requests per round, "
+            f"split over the concurrency's threads, one keep-alive connection each, on the same 2-core machine as "
+            f"the servers. req/s: median over rounds; p50/p99: over every request. Texts: data/sample_texts.csv "
+            f"sampled at random, each made unique with an appended counter word (e.g. \"{tokens['example']}\") "
+            f"so the result cache never answers (cache hits during the load: {hits:.0f}); {tokens['median']:.0f} "
+            f"tokens median, p90 {tokens['p90']:.0f}, max {tokens['max']} with [CLS]/[SEP]. Servers: scripts/serve.py "
+            f"with {server_settings(args, startup)}.\n\n"
+            f"### POST /predict (one text per request)\n\n{predict_table}\n\n"
+            f"### POST /predict/batch ({args.batch_texts} texts per request)\n\n{batch_table}\n\n"
+            f"### Start-up (launch to /ready)\n\n{start_table}\n\n"
+            f"### Memory\n\n{memory_table}")
+
+
+def serve_script():
+    """scripts/serve.py as a module (it imports nothing heavy until main), for its argument defaults."""
+    spec = importlib.util.spec_from_file_location("serve_script", SERVE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def server_settings(args, startup: dict) -> str:
+    """The measured servers' settings, as /model/info reports them (waitress threads from the command line)."""
+    serving = startup["batching on, cached"]["serving"] or {}
+    threads = args.threads if args.threads is not None else serve_script().parse_args(["--model", "."]).threads
+    return (f"{threads} waitress threads, max batch {serving.get('max_batch_size')}, max wait {serving.get('max_wait_ms'):g} ms, "
+            f"queue {serving.get('max_queue_size')}, batch buckets {serving.get('batch_buckets')}, length buckets "
+            f"{serving.get('length_buckets')}, result cache {serving.get('cache_size')}")
+
+
+def plot(args, predict: dict, batch: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for mode in MODES:
+        rs = [predict[f"{mode}/{c}"] for c in args.concurrency]
+        axes[0].plot(args.concurrency, [r["requests_per_s"] for r in rs], marker="o", label=mode)
+        line, = axes[1].plot(args.concurrency, [r["p50_ms"] for r in rs], marker="o", label=f"{mode} p50")
+        axes[1].plot(args.concurrency, [r["p99_ms"] for r in rs], marker="x", linestyle=":", color=line.get_color(),
+                     label=f"{mode} p99")
+        bs = [batch[f"{mode}/{c}"] for c in args.batch_concurrency]
+        axes[2].plot(args.batch_concurrency, [r["predictions_per_s"] for r in bs], marker="o", label=mode)
+    titles = ("/predict: requests/s", "/predict: latency, ms",
+              f"/predict/batch ({args.batch_texts} texts): predictions/s")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    fig.suptitle("scripts/serve.py on CPU: dynamic batching on vs off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers below are always stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="jaxclf-bench-serving-") as tmp, contextlib.ExitStack() as stack:
+        work = Path(tmp)
+        if args.model is None:
+            model_dir = work / "model"
+            clf = create_random_model_dir(model_dir)
+            c = clf.config
+            del clf
+            args.model_desc = (f"random init, {c.num_encoder_layers} layers, d_model {c.d_model}, {c.nhead} heads, "
+                               f"ff {c.dim_feedforward}, vocab {c.vocab_size}, max length {c.max_position_embeddings}")
+        else:
+            model_dir = Path(args.model)
+            args.model_desc = f"{model_dir}"
+        texts = UniqueTexts(seed=0)
+        tokens = token_lengths(model_dir, texts)
+        servers, startup = start_servers(args, model_dir, work, stack)
+        predict = measure(args, servers, texts, "/predict", args.concurrency, args.requests, 1)
+        batch = measure(args, servers, texts, "/predict/batch", args.batch_concurrency, args.batch_requests,
+                        args.batch_texts)
+        memory = {mode: {**s.rss(), "torch_libraries": s.torch_libraries()} for mode, s in servers.items()}
+        exit_codes = {mode: s.stop() for mode, s in servers.items()}
+    torch_in_server = any(m["torch_libraries"] for m in memory.values())
+    table = tables(args, predict, batch, startup, memory, tokens)
+    payload = {"args": vars(args), "predict": predict, "predict_batch": batch, "startup": startup, "memory": memory,
+               "tokens": tokens, "server_exit_codes": exit_codes, "torch_imported_by_server": torch_in_server,
+               "wall_s": time.perf_counter() - began}
+    path = write_results(args.name, payload, table)
+    if not args.no_plot:
+        png = RESULTS / f"{args.name}.png"
+        plot(args, predict, batch, png)
+        print(f"wrote {png}")
+    print(path.read_text())
+    print(f"torch imported by the servers: {'YES' if torch_in_server else 'no'} (libtorch in /proc/PID/maps); "
+          f"server exit codes after SIGTERM: {exit_codes}")
+    print(f"total {time.perf_counter() - began:.0f}s")
+    return 1 if torch_in_server else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
