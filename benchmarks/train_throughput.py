@@ -22,6 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
+# libgomp's spinning wait makes small torch calls 10-100x slower on a shared machine (see
+# benchmarks/README.md, inference.py); PASSIVE is torch's faster setting here. An explicit
+# OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from common import interleaved, markdown_table, median, timed, write_results  # noqa: E402
 
 
@@ -148,7 +153,8 @@ def main(argv=None) -> int:
         print(f"{dtype}: " + ", ".join(f"{k} {args.batch / median(v):.1f} ex/s" for k, v in samples.items()),
               flush=True)
     table = (f"Model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, ff {args.ff}; "
-             f"batch {args.batch} x seq {args.seq}; {args.rounds} interleaved rounds x {args.steps} steps, medians. "
+             f"batch {args.batch} x seq {args.seq}; {args.rounds} interleaved rounds x {args.steps} steps, medians; "
+             f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. "
              f"Matmul peak: JAX {peaks['jax_flops_per_s'] / 1e9:.1f}, torch {peaks['torch_flops_per_s'] / 1e9:.1f} "
              f"GFLOP/s.\n\n" + markdown_table(
                  ["dtype", "variant", "examples/s", "tokens/s", "MFU %", "ms/step", "first step s",
