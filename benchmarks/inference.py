@@ -48,21 +48,11 @@ import numpy as np  # noqa: E402
 # faster torch setting on a busy machine; an OMP_WAIT_POLICY already set in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common import RESULTS, interleaved, markdown_table, median, write_results  # noqa: E402
+from common import RESULTS, int_list as _ints, interleaved, markdown_table, median, write_results  # noqa: E402
 from server_process import (ServerProcess, create_random_model_dir, http_json, proc_status,  # noqa: E402
                             sample_texts)
 
 VARIANTS = ("jaxclf", "torch eager", "torch.compile")
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,32; got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return sorted(set(values))
 
 
 def parse_args(argv=None):

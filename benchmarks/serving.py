@@ -42,22 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import RESULTS, markdown_table, median, write_results  # noqa: E402
+from common import RESULTS, int_list as _ints, markdown_table, median, write_results  # noqa: E402
 from server_process import (SERVE_SCRIPT, ServerProcess, create_random_model_dir, http_json,  # noqa: E402
                             metric_sum, sample_texts)
 
 MODES = ("batching on", "batching off")
 HEADERS = {"Content-Type": "application/json"}
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,32; got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return sorted(set(values))
 
 
 def parse_args(argv=None):
