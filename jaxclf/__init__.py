@@ -15,6 +15,8 @@ _LAZY = {
     "create": "jaxclf.classifier",
     "TextClassifier": "jaxclf.classifier",
     "ModelConfig": "jaxclf.config",
+    "InferenceEngine": "jaxclf.inference",
+    "create_app": "jaxclf.service",
 }
 
 __all__ = ["__version__", *_LAZY]
