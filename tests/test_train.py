@@ -183,17 +183,21 @@ def test_default_command_trains_on_sample_data_and_both_frameworks_load_the_expo
 # ----------------------------------------------------------------------------- resumption
 
 
+def start_training_until(out: Path, ready, timeout: float = 120) -> subprocess.Popen:
+    """Start the TINY run in the background and return once `ready()` holds (or the run ended)."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--output", str(out)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    return proc
+
+
 @pytest.mark.slow
 def test_sigkill_at_a_random_point_then_rerun_gives_bitwise_identical_weights(tmp_path, reference_run):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(SCRIPT), *TINY, "--output", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpts = out / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
-            break
-        time.sleep(0.05)
+    proc = start_training_until(out, lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()))
     delay = random.Random().uniform(0.0, 0.6)
     time.sleep(delay)
     killed = proc.poll() is None
@@ -208,14 +212,8 @@ def test_sigkill_at_a_random_point_then_rerun_gives_bitwise_identical_weights(tm
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path, reference_run):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(SCRIPT), *TINY, "--output", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.02)
+    proc = start_training_until(out, lambda: log.exists() and len(log.read_text().splitlines()) >= 4)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
