@@ -125,6 +125,12 @@ class SelfAttention(nnx.Module):
         q = self.query(x).reshape(batch, t, self.nhead, self.head_dim)  # (B, T, H, Dh)
         k = self.key(x).reshape(batch, t, self.nhead, self.head_dim)
         v = self.value(x).reshape(batch, t, self.nhead, self.head_dim)
+        if (self.dropout.deterministic or self.dropout.rate == 0.0) and q.dtype != jnp.float16:
+            # No attention dropout: XLA's fused attention is faster than the einsum chain below
+            # (batch 64 x 128 tokens on 2 CPU cores: 149 vs 128 examples/s). XLA:CPU has no
+            # float16 version of it, so fp16 keeps the einsums.
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])  # (B, T, H, Dh)
+            return ctx.reshape(bt, d)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)  # (B, H, T, T)
         scores = scores * (1.0 / math.sqrt(self.head_dim))
         # Padded keys get the most negative float, so exp() makes them exactly 0.
