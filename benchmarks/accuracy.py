@@ -21,14 +21,13 @@ Settings per data set and/or method take `VALUE` (all) or `KEY=VALUE,...` with K
 method, or DATASET:METHOD (DATASET:METHOD wins over METHOD, METHOD over DATASET):
 
     python benchmarks/accuracy.py                                   # the defaults below, ~1 h on 2 CPU cores
-    python benchmarks/accuracy.py --datasets bbcnews --methods tfidf_svc,minilm --epochs minilm=3 \\
-        --max-length bbcnews:minilm=128
-    python benchmarks/accuracy.py --max-train tweets=8000           # subsample jaxclf training rows (seed 0)
+    python benchmarks/accuracy.py --datasets bbcnews --methods minilm --max-length 128 --epochs 3 --variant len128
+    python benchmarks/accuracy.py --datasets tweets --methods minilm --max-train all --epochs 1 --variant full-train
     python benchmarks/accuracy.py --set minilm:train.per_device_train_batch_size=32
-    python benchmarks/accuracy.py --datasets bbcnews --max-steps 3 --max-test 40 --name accuracy_smoke
+    python benchmarks/accuracy.py --max-steps 3 --max-test 40 --max-train 200 --name accuracy_smoke --fresh  # smoke
 
 Results: benchmarks/results/NAME.json (every run's settings, commands and full metrics) and NAME.md;
-rows of an earlier NAME.json for (data set, method) pairs not rerun are kept unless --fresh.
+rows of an earlier NAME.json for (data set, method, variant) triples not rerun are kept unless --fresh.
 """
 
 from __future__ import annotations
