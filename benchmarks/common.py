@@ -65,6 +65,15 @@ def timed(fn: Callable[[], None], repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The benchmarked model's shape: by default the 4-layer, d_model 256, 4-head, ff 1024 model of the targets."""
+    p.add_argument("--layers", type=int, default=4, help="encoder layers")
+    p.add_argument("--d-model", type=int, default=256, help="hidden width")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--ff", type=int, default=1024, help="feed-forward width")
+    p.add_argument("--vocab", type=int, default=8000, help="vocabulary size")
+
+
 def int_list(text: str) -> list[int]:
     """argparse type: "1,8,32" -> [1, 8, 32] (sorted, distinct, positive)."""
     try:

@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 # faster torch setting on a busy machine; an OMP_WAIT_POLICY already set in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common import RESULTS, int_list as _ints, interleaved, markdown_table, median, write_results  # noqa: E402
+from common import RESULTS, add_model_args, int_list as _ints, interleaved, markdown_table, median, write_results  # noqa: E402
 from server_process import (ServerProcess, create_random_model_dir, http_json, proc_status,  # noqa: E402
                             sample_texts)
 
@@ -57,11 +57,7 @@ VARIANTS = ("jaxclf", "torch eager", "torch.compile")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ff", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=8000)
+    add_model_args(p)
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32, 64, 128])
     p.add_argument("--lengths", type=_ints, default=[32, 128],
                    help="sequence lengths; the largest is the model's max_position_embeddings")

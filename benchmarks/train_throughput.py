@@ -27,18 +27,14 @@ import numpy as np  # noqa: E402
 # OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common import interleaved, markdown_table, median, timed, write_results  # noqa: E402
+from common import add_model_args, interleaved, markdown_table, median, timed, write_results  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ff", type=int, default=1024)
+    add_model_args(p)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--steps", type=int, default=5, help="steps timed per round and variant")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dtypes", default="float32,bfloat16")
