@@ -13,8 +13,11 @@ import pytest
 
 import jaxclf
 from jaxclf import inference
-from jaxclf.inference import (DeadlineExceeded, EngineClosedError, InferenceEngine, Prediction,
-                              QueueFullError, ResultCache)
+from hypothesis import given, settings, strategies as st
+
+from jaxclf.classifier import bucket_for
+from jaxclf.inference import (CALL_OVERHEAD_SLOTS, DeadlineExceeded, EngineClosedError, InferenceEngine,
+                              Prediction, QueueFullError, ResultCache, plan_calls)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +116,47 @@ def test_no_compilation_after_ready_under_concurrent_mixed_load(mixed_texts, eng
         t.join(timeout=60)
     assert not errors
     assert engine.compilations == compiled and engine.stray_compilations == 0
+
+
+def test_one_long_text_does_not_pad_a_batch_of_short_ones(tiny_model_dir, sample_texts, reference):
+    """15 short texts and one truncated to 32 tokens: two calls, (16, 16) and (1, 32), not one (16, 32)."""
+    eng = InferenceEngine(tiny_model_dir, max_batch_size=16, batch_buckets=(1, 4, 16), cache_size=0)
+    heads = dict.fromkeys(" ".join(t.split()[:3]) for t in sample_texts)  # first words, unique, in order
+    texts = [t for t in heads if len(eng.tokenizer.encode(t).ids) <= 16][:15] + ["word " * 60]
+    assert len(texts) == 16
+    calls = []
+    eng.add_batch_listener(calls.append)
+    try:
+        clf = jaxclf.load(tiny_model_dir)
+        want = {t: clf.logits([t])[0] for t in texts}
+        assert_matches(eng.predict_batch(texts).results, texts, want)
+    finally:
+        eng.close()
+    assert sorted((c.size, c.padded_batch, c.padded_length) for c in calls) == [(1, 1, 32), (15, 16, 16)]
+
+
+def _plan_cost(groups, lengths, batch_buckets, length_buckets) -> int:
+    return sum(bucket_for(len(g), batch_buckets) * bucket_for(max(lengths[i] for i in g), length_buckets)
+               + CALL_OVERHEAD_SLOTS for g in groups)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 128), min_size=1, max_size=9))
+def test_plan_calls_is_a_cheapest_partition_into_length_groups(lengths):
+    batch_buckets, length_buckets = (1, 2, 4), (16, 32, 48, 64, 96, 128)
+    groups = plan_calls(lengths, batch_buckets, length_buckets)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(1 <= len(g) <= 4 for g in groups)
+    # Brute force over every way to cut the length-sorted rows into consecutive groups of <= 4.
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+    def cheapest(start: int) -> int:
+        if start == len(order):
+            return 0
+        return min(_plan_cost([order[start:end]], lengths, batch_buckets, length_buckets) + cheapest(end)
+                   for end in range(start + 1, min(start + 4, len(order)) + 1))
+
+    assert _plan_cost(groups, lengths, batch_buckets, length_buckets) == cheapest(0)
 
 
 def test_stray_compile_detector_sees_a_compile_during_a_request(engine):
