@@ -27,15 +27,17 @@ SAMPLE_TEXTS = REPO / "data" / "sample_texts.csv"
 _LISTENING = re.compile(r"listening on http://([^\s:/]+|\[[^\]]+\]):(\d+)")
 
 
-def sample_texts(path: Path = SAMPLE_TEXTS) -> list[str]:
-    """The `text` column of the shipped sample CSV (short, review/tweet-like sentences)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        return [row["text"] for row in csv.DictReader(f) if row.get("text")]
+def sample_texts(path: str | os.PathLike = SAMPLE_TEXTS) -> list[str]:
+    """The `text` column of a CSV or JSONL file; by default the shipped sample (short, review/tweet-like)."""
+    from jaxclf.data import read_examples
+    texts, _, _ = read_examples(path)
+    return texts
 
 
 def create_random_model_dir(path: str | os.PathLike, layers: int = 4, d_model: int = 256, heads: int = 4,
-                            ff: int = 1024, vocab: int = 8000, max_length: int = 128, seed: int = 0):
-    """A randomly initialised model directory (3 labels) with a BPE tokenizer trained on the sample texts.
+                            ff: int = 1024, vocab: int = 8000, max_length: int = 128, seed: int = 0,
+                            texts: list[str] | None = None):
+    """A randomly initialised model directory (3 labels) with a BPE tokenizer trained on `texts` (default: the sample).
 
     Returns the TextClassifier it saved, so a caller can run the very same weights in process.
     """
@@ -43,7 +45,7 @@ def create_random_model_dir(path: str | os.PathLike, layers: int = 4, d_model: i
     from jaxclf.config import ModelConfig
     from jaxclf.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(sample_texts(), vocab_size=vocab)
+    tokenizer = train_tokenizer(texts if texts is not None else sample_texts(), vocab_size=vocab)
     config = ModelConfig(vocab_size=vocab, d_model=d_model, nhead=heads, num_encoder_layers=layers,
                          dim_feedforward=ff, max_position_embeddings=max_length, num_classes=3,
                          id2label=("negative", "neutral", "positive"))

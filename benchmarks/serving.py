@@ -57,7 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=256, help="/predict requests per level, round and server")
     p.add_argument("--batch-concurrency", type=_ints, default=[1, 4, 8], help="client threads for /predict/batch")
     p.add_argument("--batch-texts", type=int, default=32, help="texts per /predict/batch request")
-    p.add_argument("--batch-requests", type=int, default=24, help="/predict/batch requests per level, round and server")
+    p.add_argument("--texts", default=None, metavar="FILE",
+                   help="CSV/JSONL whose texts the load sends (default: data/sample_texts.csv); the random "
+                        "model's tokenizer is trained on them, e.g. data/tweets/test.jsonl (scripts/prepare_data.py tweets)")
+    p.add_argument("--batch-requests", type=int, default=48, help="/predict/batch requests per level, round and server")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level")
     p.add_argument("--threads", type=int, default=None, help="waitress threads per server (default: serve.py's)")
     p.add_argument("--max-wait-ms", type=float, default=None, help="batcher wait (default: serve.py's)")
@@ -75,8 +78,9 @@ def parse_args(argv=None):
 class UniqueTexts:
     """Tweet-length texts from the sample CSV, each made unique by a counter word (defeats the result cache)."""
 
-    def __init__(self, seed: int = 0):
-        self.texts = sample_texts()
+    def __init__(self, seed: int = 0, path: str | None = None):
+        self.texts = sample_texts(path) if path else sample_texts()
+        self.path = path
         self.rng = np.random.default_rng(seed)
         self.counter = itertools.count()
         self.lock = threading.Lock()
@@ -233,7 +237,7 @@ def start_servers(args, model_dir: Path, work: Path, stack: contextlib.ExitStack
 def token_lengths(model_dir: Path, texts: UniqueTexts, n: int = 200) -> dict:
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    sample = UniqueTexts(seed=123).next(n)  # same distribution, not consuming the load's counter
+    sample = UniqueTexts(seed=123, path=texts.path).next(n)  # same distribution, not consuming the load's counter
     counts = [len(tok.encode(t).ids) for t in sample]
     return {"median": float(np.median(counts)), "p90": float(np.percentile(counts, 90)), "max": int(max(counts)),
             "example": sample[0]}
@@ -267,7 +271,7 @@ def tables(args, predict: dict, batch: dict, startup: dict, memory: dict, tokens
     return (f"Model: {args.model_desc}. Client: {args.rounds} interleaved rounds per level (batching on, off, "
             f"on, ...), {args.requests} /predict or {args.batch_requests} /predict/batch requests per round, "
             f"split over the concurrency's threads, one keep-alive connection each, on the same 2-core machine as "
-            f"the servers. req/s: median over rounds; p50/p99: over every request. Texts: data/sample_texts.csv "
+            f"the servers. req/s: median over rounds; p50/p99: over every request. Texts: {args.texts or 'data/sample_texts.csv'} "
             f"sampled at random, each made unique with an appended counter word (e.g. \"{tokens['example']}\") "
             f"so the result cache never answers (cache hits during the load: {hits:.0f}); {tokens['median']:.0f} "
             f"tokens median, p90 {tokens['p90']:.0f}, max {tokens['max']} with [CLS]/[SEP]. Servers: scripts/serve.py "
@@ -333,7 +337,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         if args.model is None:
             model_dir = work / "model"
-            clf = create_random_model_dir(model_dir)
+            clf = create_random_model_dir(model_dir, texts=sample_texts(args.texts) if args.texts else None)
             c = clf.config
             del clf
             args.model_desc = (f"random init, {c.num_encoder_layers} layers, d_model {c.d_model}, {c.nhead} heads, "
@@ -341,7 +345,7 @@ def main(argv=None) -> int:
         else:
             model_dir = Path(args.model)
             args.model_desc = f"{model_dir}"
-        texts = UniqueTexts(seed=0)
+        texts = UniqueTexts(seed=0, path=args.texts)
         tokens = token_lengths(model_dir, texts)
         servers, startup = start_servers(args, model_dir, work, stack)
         predict = measure(args, servers, texts, "/predict", args.concurrency, args.requests, 1)
