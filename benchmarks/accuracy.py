@@ -23,6 +23,7 @@ method, or DATASET:METHOD (DATASET:METHOD wins over METHOD, METHOD over DATASET)
     python benchmarks/accuracy.py                                   # the defaults below, ~1 h on 2 CPU cores
     python benchmarks/accuracy.py --datasets bbcnews --methods minilm --max-length 128 --epochs 3 --variant len128
     python benchmarks/accuracy.py --datasets tweets --methods minilm --max-train all --epochs 1 --variant full-train
+    python benchmarks/accuracy.py --datasets bbcnews --methods minilm --truncation-head 128 --variant head-tail
     python benchmarks/accuracy.py --set minilm:train.per_device_train_batch_size=32
     python benchmarks/accuracy.py --max-steps 3 --max-test 40 --max-train 200 --name accuracy_smoke --fresh  # smoke
 
@@ -194,7 +195,7 @@ def truncated_fraction(model_dir: Path, texts: list[str]) -> tuple[float, int]:
 
 def run_jaxclf(method: str, dataset: str, train_file: Path, test_file: Path, n_train: int, out: Path,
                epochs: float, max_length: int, labels: list[str], overrides: list[str], max_steps: int | None,
-               test_texts: list[str]) -> dict:
+               test_texts: list[str], truncation_head: str | None = None) -> dict:
     if out.exists():  # train.py resumes from checkpoints in its output directory: start clean
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -213,10 +214,14 @@ def run_jaxclf(method: str, dataset: str, train_file: Path, test_file: Path, n_t
     if method == "jaxclf_scratch":
         train_cmd += ["--config", "small", *common, f"model.max_position_embeddings={max_length}",
                       "train.tokenizer_vocab_size=8000"]
+        if truncation_head:
+            train_cmd.append(f"model.truncation_head={truncation_head}")
     else:
         base = out / "minilm_init"
         import_cmd = ["scripts/import_hf.py", "--hf-dir", "all-MiniLM-L6-v2", "--output", str(base),
                       "--labels", ",".join(labels), "--max-length", str(max_length)]
+        if truncation_head:
+            import_cmd += ["--truncation-head", truncation_head]
         _, import_s = run_command(import_cmd, log_path)
         commands.append(import_cmd)
         warmup = max(1, round(0.06 * total_steps))  # 6% warmup, then linear decay
@@ -238,6 +243,7 @@ def run_jaxclf(method: str, dataset: str, train_file: Path, test_file: Path, n_t
             "eval_s": eval_s, "import_s": import_s or None, "steps": summary["steps"],
             "train_py_summary": summary, "evaluate": metrics,
             "test_truncated_fraction": truncated, "max_length": limit,
+            "truncation_head": int(truncation_head) if truncation_head else None,
             "commands": [" ".join(["python", *c]) for c in commands]}
 
 
@@ -252,6 +258,10 @@ def parse_args(argv=None):
                    help="jaxclf truncation in wordpieces, special tokens included: the scratch model's "
                         "model.max_position_embeddings, MiniLM's import --max-length "
                         f"(default {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--truncation-head", default=None,
+                   help="head+tail truncation for the jaxclf methods: a longer text keeps its first N tokens and "
+                        "its last (max length - N) (model.truncation_head / import --truncation-head); "
+                        "default: keep the first max length tokens")
     p.add_argument("--max-train", default=DEFAULT_MAX_TRAIN,
                    help="train the jaxclf methods on a stratified subsample of about N training rows (seed 0), "
                         "or on all of them (all); "
@@ -282,6 +292,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     epochs = parse_setting(args.epochs, "epochs")
     max_length = parse_setting(args.max_length, "max-length")
+    truncation_head = parse_setting(args.truncation_head, "truncation-head")
     max_train = parse_setting(args.max_train, "max-train")
     overrides = parse_overrides([*DEFAULT_SETS, *args.set])
     work = Path(args.work)
@@ -314,7 +325,7 @@ def main(argv=None) -> int:
                                       work / dataset / (method + (f"@{args.variant}" if args.variant else "")),
                                       run["epochs"],
                                       int(lookup(max_length, dataset, method, "128")), labels, extra,
-                                      args.max_steps, test[0]))
+                                      args.max_steps, test[0], lookup(truncation_head, dataset, method)))
                 run["overrides"] = extra
             else:
                 run.update(run_tfidf(method, train, test))
@@ -325,6 +336,14 @@ def main(argv=None) -> int:
             write(args, runs)  # after every run: a long benchmark keeps what it has finished
     print(write(args, runs))
     return 0
+
+
+def max_len_cell(run: dict) -> str:
+    """'256', or '256 (head 64 + tail 192)' for head+tail truncation."""
+    length, head = run.get("max_length"), run.get("truncation_head")
+    if not length:
+        return "-"
+    return f"{length} (head {head} + tail {length - head})" if head else str(length)
 
 
 def write(args, runs: list[dict]) -> Path:
@@ -341,7 +360,7 @@ def write(args, runs: list[dict]) -> Path:
         train_rows = f"{r['train_rows']:,}" + (" (subsample)" if r.get("train_subsample") else "")
         method = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
         rows.append([r["dataset"], method, train_rows, f"{r['test_rows']:,}" + ("" if r["full_test"] else " (subset)"),
-                     r.get("max_length") or "-", r.get("epochs") or "-", r.get("steps") or "-",
+                     max_len_cell(r), r.get("epochs") or "-", r.get("steps") or "-",
                      f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['train_s']:.1f}", f"{r['eval_s']:.1f}",
                      f"{100 * r['test_truncated_fraction']:.1f}" if "test_truncated_fraction" in r else "-"])
     table = markdown_table(["data set", "method", "train rows", "test rows", "max len", "epochs", "steps",

@@ -67,6 +67,7 @@ class TextClassifier:
         self.config: ModelConfig = model.config
         self.tokenizer = tokenization.configure(tokenizer, self.config.max_position_embeddings,
                                                 self.config.pad_token_id)
+        self.encoder = tokenization.TextEncoder(self.tokenizer, self.config.truncation_head)
         self.metrics = dict(metrics or {})
         self.buckets = length_buckets(self.config.max_position_embeddings)
         self._forward = None
@@ -90,7 +91,7 @@ class TextClassifier:
 
     def encode(self, texts: Sequence[str] | str) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask) int32 (N, T), T padded up to a length bucket."""
-        ids, mask = tokenization.encode(self.tokenizer, texts)
+        ids, mask = self.encoder.encode(texts)
         return tokenization.pad_to(ids, mask, bucket_for(ids.shape[1], self.buckets), self.config.pad_token_id)
 
     def logits(self, texts: Sequence[str] | str, batch_size: int = 64) -> np.ndarray:

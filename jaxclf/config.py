@@ -29,6 +29,10 @@ class ModelConfig:
     num_encoder_layers: int = 4  # transformer blocks
     dim_feedforward: int = 1024  # width of the feed-forward block (BERT: intermediate_size)
     max_position_embeddings: int = 128  # longest sequence, special tokens included
+    # How a text longer than the model's max length is cut (a tokenizer setting, not architecture):
+    # None keeps its first max_length tokens; N keeps the first N and the last max_length - N
+    # ("head+tail", [CLS] and [SEP] included), which keeps a long document's conclusion.
+    truncation_head: int | None = None
     num_classes: int = 3  # output logits
     dropout: float = 0.1  # on embeddings, sub-layer outputs and before the classifier
     attention_dropout: float = 0.1  # on attention probabilities
@@ -60,6 +64,12 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.truncation_head is not None and (
+                not isinstance(self.truncation_head, int) or isinstance(self.truncation_head, bool)
+                or not 1 <= self.truncation_head < self.max_position_embeddings):
+            raise ConfigError(f"truncation_head must be null (keep the first tokens) or an integer in "
+                              f"[1, max_position_embeddings={self.max_position_embeddings}), "
+                              f"got {self.truncation_head!r}")
         if self.d_model % self.nhead != 0:
             raise ConfigError(
                 f"d_model % nhead != 0: d_model={self.d_model} is not divisible by nhead={self.nhead}")

@@ -28,6 +28,7 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
+from jaxclf import tokenizer as tokenization
 from jaxclf.classifier import bucket_for
 
 logger = logging.getLogger(__name__)
@@ -369,17 +370,14 @@ class TokenizedDataset:
 
 
 def tokenize_dataset(tokenizer: Tokenizer, texts: Sequence[str], labels_ids: Sequence[int] | np.ndarray, *,
-                     chunk_size: int = 8192) -> TokenizedDataset:
-    """Tokenize every text once, with the tokenizer's truncation but without its padding."""
+                     truncation_head: int | None = None, chunk_size: int = 8192) -> TokenizedDataset:
+    """Tokenize every text once, unpadded, truncated by the model's rule (see tokenizer.TextEncoder)."""
     if len(texts) != len(labels_ids):
         raise ValueError(f"{len(texts)} texts but {len(labels_ids)} labels")
-    unpadded = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's tokenizer keeps its padding
-    unpadded.no_padding()
-    if unpadded.truncation is None:
-        logger.warning("tokenizer has no truncation configured; long texts may exceed the largest bucket")
+    encoder = tokenization.TextEncoder(tokenizer, truncation_head)  # refuses a tokenizer without truncation
     sequences: list[list[int]] = []
     for start in range(0, len(texts), chunk_size):
-        sequences.extend(e.ids for e in unpadded.encode_batch(list(texts[start:start + chunk_size])))
+        sequences.extend(encoder.ids(list(texts[start:start + chunk_size])))
     empty = [k for k, s in enumerate(sequences) if not s]
     if empty:  # an all-padding row would give attention nothing to attend to
         raise ValueError(f"{len(empty)} text(s) produced no tokens, first example {empty[0] + 1}: "

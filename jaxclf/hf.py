@@ -505,7 +505,8 @@ def _label_names(labels: Sequence[str] | None, num_classes: int | None) -> tuple
 
 
 def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, labels: Sequence[str] | None = None,
-              num_classes: int | None = None, max_length: int | None = None, seed: int = 0) -> Path:
+              num_classes: int | None = None, max_length: int | None = None, seed: int = 0,
+              truncation_head: int | None = None) -> Path:
     """Convert a HF BERT-family checkpoint directory (or a known name) into a jaxclf model directory.
 
     labels / num_classes: the classes of a fresh head; required when the checkpoint has no
@@ -543,11 +544,16 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, labels: Sequ
 
     length = truncation_length(config.max_position_embeddings, tok_cfg, st.max_seq_length if st else None,
                                max_length)
+    if truncation_head is not None:
+        if not 1 <= truncation_head < length:
+            raise HFCheckpointError(f"--truncation-head must be in [1, {length}), the max length in tokens; "
+                                    f"got {truncation_head}")
+        config = config.replace(truncation_head=truncation_head)
     tok = tokenization.configure(tok, length, pad_id)
     dropped = sorted(dropped + head.dropped)
     provenance = {"hf_dir": str(root), "architecture": arch, "sentence_transformers": bool(st),
                   "pooling": head.pooling, "fresh_tensors": sorted(head.fresh), "dropped_tensors": dropped,
-                  "max_length": length}
+                  "max_length": length, "truncation_head": truncation_head}
     log.info("importing %s (%s, %d layers, d_model %d) -> %s; fresh: %s; dropped: %s", root, arch,
              config.num_encoder_layers, config.d_model, output, head.fresh or "none", dropped or "none")
     return model_dir.write(output, config, tensors, tok, metrics={"imported_from": provenance})
@@ -614,6 +620,10 @@ def export_hf(model_directory: str | os.PathLike, out_dir: str | os.PathLike) ->
     weights.check_tensors(tensors, weights.expected_shapes(config), source=str(model_directory))
     truncation = tok.truncation
     max_length = truncation["max_length"] if truncation else config.max_position_embeddings
+    if config.truncation_head is not None:
+        log.warning("%s keeps the first %d and last %d tokens of a longer text (truncation_head); Hugging Face "
+                    "tokenizers cut from the right, so texts over %d tokens will be read differently there",
+                    model_directory, config.truncation_head, max_length - config.truncation_head, max_length)
     tok.no_padding()
     tok.no_truncation()
 

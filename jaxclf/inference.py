@@ -490,10 +490,8 @@ class InferenceEngine:
         return self._predictions(texts, logits)
 
     def _encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a string, got {type(text).__name__}")
-        # The tokenizer truncates to max_position_embeddings, so every text fits the largest bucket.
-        return self.tokenizer.encode(text).ids
+        # Truncated to the model's max length, so every text fits the largest bucket.
+        return self.classifier.encoder.ids_one(text)
 
     # --- the batcher ---------------------------------------------------------------------------
 

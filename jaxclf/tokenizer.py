@@ -81,6 +81,66 @@ def encode(tok: Tokenizer, texts: Sequence[str] | str) -> tuple[np.ndarray, np.n
     return ids, mask
 
 
+def truncate_head_tail(ids: Sequence[int], max_length: int, head: int) -> list[int]:
+    """The first `head` and the last `max_length - head` ids of a longer sequence; a short one as is."""
+    if len(ids) <= max_length:
+        return list(ids)
+    return list(ids[:head]) + list(ids[len(ids) - (max_length - head):])
+
+
+class TextEncoder:
+    """Texts -> token ids the way a model reads them: its tokenizer, max length and truncation rule.
+
+    tok must be configured (see `configure`): its truncation length is the model's limit. With
+    truncation_head=None a longer text keeps its first max_length tokens (ending in [SEP]);
+    with N it keeps the first N and the last max_length - N (head+tail: [CLS] + the opening +
+    the ending + [SEP]). The same rule serves training, evaluation, serving and torch_ref.
+    """
+
+    def __init__(self, tok: Tokenizer, truncation_head: int | None = None):
+        if tok.truncation is None:
+            raise ValueError("the tokenizer has no truncation; configure() it with the model's max length first")
+        self.tokenizer = tok
+        self.max_length = tok.truncation["max_length"]
+        self.pad_id = tok.padding["pad_id"] if tok.padding else 0
+        self.truncation_head = truncation_head
+        if truncation_head is not None and not 1 <= truncation_head < self.max_length:
+            raise ValueError(f"truncation_head={truncation_head} must be in [1, {self.max_length}), the "
+                             f"tokenizer's max length")
+        self._unpadded = Tokenizer.from_str(tok.to_str())  # a copy: the caller's tokenizer keeps its padding
+        self._unpadded.no_padding()
+        if truncation_head is not None:
+            self._unpadded.no_truncation()  # whole texts, cut below
+
+    def ids_one(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        ids = self._unpadded.encode(text).ids
+        return ids if self.truncation_head is None else truncate_head_tail(ids, self.max_length,
+                                                                           self.truncation_head)
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Unpadded id lists, each at most max_length long."""
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        out = [e.ids for e in self._unpadded.encode_batch(list(texts))]
+        if self.truncation_head is not None:
+            out = [truncate_head_tail(ids, self.max_length, self.truncation_head) for ids in out]
+        return out
+
+    def encode(self, texts: Sequence[str] | str) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), both int32 (N, T) with T the longest text of the batch."""
+        rows = self.ids([texts] if isinstance(texts, str) else list(texts))
+        width = max((len(r) for r in rows), default=0)
+        ids = np.full((len(rows), width), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+            mask[i, :len(row)] = 1
+        return ids, mask
+
+
 def pad_to(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad (N, T) ids and mask to (N, length); padding never changes a logit."""
     extra = length - ids.shape[1]

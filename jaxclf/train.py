@@ -430,7 +430,7 @@ def train(model_cfg: ModelConfig, cfg: TrainingConfig) -> TrainResult:
     n_dev = jax.device_count()
     global_batch = cfg.per_device_train_batch_size * n_dev
     eval_batch = cfg.per_device_eval_batch_size * n_dev
-    train_ds = data.tokenize_dataset(tok, texts, train_ids)
+    train_ds = data.tokenize_dataset(tok, texts, train_ids, truncation_head=config.truncation_head)
     steps_per_epoch = len(train_ds) // global_batch
     if steps_per_epoch == 0:
         raise ConfigError(f"global batch {global_batch} ({cfg.per_device_train_batch_size} per device x "
@@ -452,7 +452,8 @@ def train(model_cfg: ModelConfig, cfg: TrainingConfig) -> TrainResult:
     iterator = data.train_batches(train_ds, global_batch_size=global_batch, seed=cfg.seed, buckets=buckets,
                                   pad_id=pad_id, process_index=jax.process_index(),
                                   process_count=jax.process_count())
-    eval_ds = data.tokenize_dataset(tok, eval_texts, eval_ids) if eval_texts else None
+    eval_ds = (data.tokenize_dataset(tok, eval_texts, eval_ids, truncation_head=config.truncation_head)
+               if eval_texts else None)
 
     def evaluate(params) -> dict:
         all_logits, all_loss, all_w, all_y = [], [], [], []

@@ -289,6 +289,18 @@ def test_no_head_and_no_labels_is_refused(bert_dir, tmp_path):
         hf.import_hf(bert_dir[0], tmp_path / "out")
 
 
+def test_import_with_head_tail_truncation(classifier_dir, tmp_path):
+    """--truncation-head N is recorded in config.json and checked against the max length (48 here)."""
+    clf = jaxclf.load(hf.import_hf(classifier_dir[0], tmp_path / "ht", truncation_head=16))
+    assert clf.config.truncation_head == 16 and clf.encoder.max_length == 48
+    long_text = " ".join(texts() * 20)
+    whole = clf.encoder._unpadded.encode(long_text).ids
+    assert clf.encode([long_text])[0][0, :48].tolist() == whole[:16] + whole[-32:]
+    with pytest.raises(hf.HFCheckpointError, match=r"--truncation-head must be in \[1, 48\).*got 48"):
+        hf.import_hf(classifier_dir[0], tmp_path / "bad", truncation_head=48)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_export_refuses_models_that_are_not_bert(tmp_path):
     from tokenizers import Tokenizer
 

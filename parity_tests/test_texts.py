@@ -82,3 +82,28 @@ def test_shorter_truncation_recorded_in_tokenizer_json_is_honoured_by_both(saved
     pair = jaxclf.load(d), torch_ref.load(d)
     _, n = assert_same_logits(pair, [" ".join(sample_texts()[:20]), "short"])
     assert n == 10
+
+
+def test_head_tail_truncation_is_applied_the_same_way_by_both(saved_model_dir, tmp_path):
+    """truncation_head=N in config.json: a long text keeps [CLS] + its first N-1 tokens + its last ones + [SEP]."""
+    import json
+    import shutil
+
+    d = tmp_path / "head_tail"
+    shutil.copytree(saved_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model"]["truncation_head"] = 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    pair = jaxclf.load(d), torch_ref.load(d)
+    plain = jaxclf.load(saved_model_dir)
+    long_text = " ".join(sample_texts()[:30])
+    _, n = assert_same_logits(pair, [long_text, "short", ""])
+    assert n == 24
+    head_only = plain.encode([long_text])[0][0].tolist()  # plain truncation: [CLS] + 22 tokens + [SEP]
+    whole = pair[0].encoder._unpadded.encode(long_text).ids  # the head+tail encoder's untruncated ids
+    assert len(whole) > 24 and whole[-1] == head_only[-1]  # both end in [SEP]
+    ids, _ = pair[0].encode([long_text])
+    assert ids[0].tolist() == whole[:8] + whole[-16:]  # [CLS] + 7 head tokens, 15 tail tokens + [SEP]
+    assert ids[0, :8].tolist() == head_only[:8]
+    assert not np.allclose(pair[0].logits([long_text]), plain.logits([long_text]))  # the rule changes the answer
+    np.testing.assert_array_equal(pair[0].logits(["short"]), plain.logits(["short"]))  # short texts: no change

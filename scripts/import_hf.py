@@ -28,6 +28,9 @@ def main(argv=None) -> int:
                                         "head, and replaces the head when the count differs")
     heads.add_argument("--num-classes", type=int, help="like --labels with names LABEL_0..LABEL_{N-1}")
     p.add_argument("--max-length", type=int, help="truncate texts to this many tokens (special tokens included)")
+    p.add_argument("--truncation-head", type=int, default=None,
+                   help="head+tail truncation: a longer text keeps its first N tokens and its last "
+                        "(max length - N); default: keep the first max length tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised head (default 0)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     try:
         out = import_hf(args.hf_dir, args.output, labels=labels, num_classes=args.num_classes,
-                        max_length=args.max_length, seed=args.seed)
+                        max_length=args.max_length, seed=args.seed, truncation_head=args.truncation_head)
     except (HFCheckpointError, WeightsError, ModelDirectoryError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

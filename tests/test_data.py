@@ -11,6 +11,7 @@ import pytest
 
 from jaxclf import data, tokenizer as tokenization
 from jaxclf.classifier import bucket_for
+from jaxclf.config import ConfigError, ModelConfig
 
 SAMPLE_CSV = Path(__file__).resolve().parents[1] / "data" / "sample_texts.csv"
 BUCKETS = (8, 16, 32, 64)
@@ -202,6 +203,31 @@ def test_tokenize_once_without_padding():
     for k in range(20):
         np.testing.assert_array_equal(ds[k]["ids"], ids[k][mask[k] == 1])
         assert ds[k]["label"] == vocab.index(labels[k])
+
+
+def test_head_tail_truncation_keeps_the_opening_and_the_ending():
+    texts, labels, _ = data.read_examples(SAMPLE_CSV)
+    tok = tokenization.configure(tokenization.train_tokenizer(texts, vocab_size=500), max_length=16,
+                                 pad_token_id=0)
+    long_text = " ".join(texts[:5])
+    whole = tokenization.TextEncoder(tokenization.configure(
+        tokenization.train_tokenizer(texts, vocab_size=500), max_length=10_000, pad_token_id=0)).ids_one(long_text)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    assert len(whole) > 16 and whole[0] == cls_id and whole[-1] == sep_id
+
+    ds = data.tokenize_dataset(tok, [long_text, "short text"], [0, 1], truncation_head=5)
+    assert ds[0]["ids"].tolist() == whole[:5] + whole[-11:]  # [CLS] + 4 opening tokens, 10 closing + [SEP]
+    assert ds[1]["ids"].tolist() == tokenization.TextEncoder(tok).ids_one("short text")  # short: untouched
+    plain = data.tokenize_dataset(tok, [long_text], [0])
+    assert plain[0]["ids"].tolist() == whole[:15] + [sep_id]  # the default keeps the opening only
+
+    encoder = tokenization.TextEncoder(tok, truncation_head=5)
+    ids, mask = encoder.encode([long_text, "short text"])
+    assert ids.shape == (2, 16) and ids[0].tolist() == ds[0]["ids"].tolist() and mask[1].sum() == len(ds[1]["ids"])
+    with pytest.raises(ValueError, match=r"truncation_head=16 must be in \[1, 16\)"):
+        tokenization.TextEncoder(tok, truncation_head=16)
+    with pytest.raises(ConfigError, match="truncation_head must be null.*max_position_embeddings=32.*got 32"):
+        ModelConfig(max_position_embeddings=32, truncation_head=32)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -135,6 +135,24 @@ def test_one_long_text_does_not_pad_a_batch_of_short_ones(tiny_model_dir, sample
     assert sorted((c.size, c.padded_batch, c.padded_length) for c in calls) == [(1, 1, 32), (15, 16, 16)]
 
 
+def test_engine_applies_the_model_s_head_tail_truncation(tiny_model_dir, sample_texts, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "head_tail"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model"]["truncation_head"] = 6
+    (d / "config.json").write_text(json.dumps(cfg))
+    long_text = " ".join(sample_texts[:10])
+    clf, plain = jaxclf.load(d), jaxclf.load(tiny_model_dir)
+    with InferenceEngine(d, max_batch_size=4, batch_buckets=(1, 4), cache_size=0) as eng:
+        results = eng.predict_batch([long_text, "short"]).results
+    np.testing.assert_allclose(results[0].logits, clf.logits([long_text])[0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(results[1].logits, plain.logits(["short"])[0], atol=1e-6, rtol=0)
+    assert not np.allclose(results[0].logits, plain.logits([long_text])[0], atol=1e-4)
+
+
 def _plan_cost(groups, lengths, batch_buckets, length_buckets) -> int:
     return sum(bucket_for(len(g), batch_buckets) * bucket_for(max(lengths[i] for i in g), length_buckets)
                + CALL_OVERHEAD_SLOTS for g in groups)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+import jaxclf
 from jaxclf.config import ConfigError, ModelConfig
 from jaxclf.data import DataError
 from jaxclf.metrics import classification_report
@@ -332,6 +333,33 @@ def keyword_dataset(path: Path, n: int = 192) -> Path:
             words.insert(rng.randint(0, len(words)), rng.choice(keys[label]))
             writer.writerow([" ".join(words), label])
     return path
+
+
+@pytest.mark.slow
+def test_head_tail_truncation_learns_what_only_a_long_text_s_ending_says(tmp_path):
+    """Keyword in the last words of a 40-60 word text, max length 32: visible only with truncation_head."""
+    import csv
+    rng = random.Random(1)
+    filler = "the a of and to in is it that was for on with as this at by from".split()
+    keys = {"negative": "awful", "neutral": "tuesday", "positive": "wonderful"}
+    rows = []
+    for i in range(150):
+        label = list(keys)[i % 3]
+        rows.append((" ".join(rng.choice(filler) for _ in range(rng.randint(40, 60))) + f" {keys[label]} .", label))
+    data_file = tmp_path / "endings.csv"
+    with open(data_file, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    accuracy = {}
+    for name, extra in (("head+tail", ["model.truncation_head=8"]), ("head only", [])):
+        out = tmp_path / name.replace("+", "_").replace(" ", "_")
+        run_train(out, "--train", str(data_file), "train.max_steps=60", "train.learning_rate=3e-3",
+                  "train.lr_schedule=constant", "train.eval_split=0", "train.save_steps=1000", *extra)
+        clf = jaxclf.load(out / "model")
+        assert clf.config.truncation_head == (8 if extra else None)  # recorded in config.json
+        predictions = clf.predict([text for text, _ in rows])
+        accuracy[name] = np.mean([p["label"] == label for p, (_, label) in zip(predictions, rows)])
+    assert accuracy["head+tail"] >= 0.95, accuracy
+    assert accuracy["head only"] <= 0.5, accuracy  # the keyword was cut off: chance level
 
 
 @pytest.mark.slow

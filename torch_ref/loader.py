@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from jaxclf.config import ConfigError, ModelConfig
+from jaxclf.tokenizer import TextEncoder  # the truncation rule is part of the model directory contract
 from torch_ref.model import TransformerClassifier
 
 Texts = Union[str, Iterable[str]]
@@ -68,15 +69,12 @@ class TorchClassifier:
         self.labels = list(config.id2label)
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.encoder = TextEncoder(tokenizer, config.truncation_head)
 
     def encode(self, texts: Texts) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize (truncated, padded to the longest) -> (input_ids, attention_mask), both (N, T) int64."""
-        if isinstance(texts, str):
-            texts = [texts]
-        encodings = self.tokenizer.encode_batch(list(texts))
-        input_ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
-        attention_mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)
-        return input_ids, attention_mask
+        input_ids, attention_mask = self.encoder.encode([texts] if isinstance(texts, str) else list(texts))
+        return torch.from_numpy(input_ids).long(), torch.from_numpy(attention_mask).long()
 
     def logits(self, texts: Texts, batch_size: int = 64) -> np.ndarray:
         """(N, num_classes) float32 logits, computed in eval mode in batches of ``batch_size``."""
