@@ -3,7 +3,9 @@
 
 Same model, batch, sequence length and thread count; fp32 and bf16; timed interleaved over
 several rounds, medians and ratios reported. MFU is against the larger of the JAX and PyTorch
-matmul peaks measured in the same run.
+matmul peaks measured in the same run. jaxclf runs the batch as --micro-batch-rows rows at a time
+inside its jitted step (TrainingConfig.micro_batches, lax.scan); "jaxclf, whole batch" is the
+same step without it.
 
     python benchmarks/train_throughput.py                       # 4 layers, d_model 256, seq 128, batch 32
     python benchmarks/train_throughput.py --dtypes float32 --no-compile --rounds 3
@@ -38,19 +40,22 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="steps timed per round and variant")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--micro-batch-rows", type=int, default=8,
+                   help="rows per jaxclf micro-batch (TrainingConfig.micro_batches = batch / this; default 8)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--name", default="train_throughput", help="result file name under benchmarks/results/")
     return p.parse_args(argv)
 
 
-def jax_step_runner(config, batch_np, dtype: str):
+def jax_step_runner(config, batch_np, dtype: str, micro_batches: int = 1):
     import jax
     import jax.numpy as jnp
 
     from jaxclf import sharding
     from jaxclf.train import TrainingConfig, build_train_state, make_train_step
 
-    cfg = TrainingConfig(mixed_precision={"float32": "no", "bfloat16": "bf16"}[dtype], warmup_steps=10)
+    cfg = TrainingConfig(mixed_precision={"float32": "no", "bfloat16": "bf16"}[dtype], warmup_steps=10,
+                         per_device_train_batch_size=len(batch_np["labels"]), micro_batches=micro_batches)
     mesh = sharding.make_mesh()
     setup = build_train_state(config.replace(dtype=dtype), cfg, mesh, total_steps=10_000)
     step = jax.jit(make_train_step(setup.graphdef, setup.rest, setup.tx, setup.schedule, cfg), donate_argnums=0)
@@ -126,18 +131,22 @@ def main(argv=None) -> int:
              "attention_mask": mask, "labels": rng.integers(0, 3, args.batch).astype(np.int32),
              "weights": np.ones(args.batch, np.float32)}
 
+    if args.batch % args.micro_batch_rows:
+        raise SystemExit(f"--batch {args.batch} is not a multiple of --micro-batch-rows {args.micro_batch_rows}")
+    micro_batches = args.batch // args.micro_batch_rows
     peaks = matmul_peak()
     peak = max(peaks.values())
     flops_per_step = train_flops_per_example(config, args.seq) * args.batch
     rows, results = [], {}
     for dtype in args.dtypes.split(","):
         runners, compile_times = {}, {}
-        runners["jaxclf"], compile_times["jaxclf"] = jax_step_runner(config, batch, dtype)
+        runners["jaxclf"], compile_times["jaxclf"] = jax_step_runner(config, batch, dtype, micro_batches)
+        runners["jaxclf, whole batch"], compile_times["jaxclf, whole batch"] = jax_step_runner(config, batch, dtype)
         runners["torch eager"], compile_times["torch eager"] = torch_step_runner(config, batch, dtype, False)
         if not args.no_compile:
             runners["torch.compile"], compile_times["torch.compile"] = torch_step_runner(config, batch, dtype, True)
         samples = interleaved({k: (lambda r=r: timed(r, args.steps)) for k, r in runners.items()}, args.rounds)
-        best_torch = min(median(v) for k, v in samples.items() if k != "jaxclf")
+        best_torch = min(median(v) for k, v in samples.items() if k.startswith("torch"))
         for name, s in samples.items():
             sec = median(s)
             entry = {"seconds_per_step": sec, "samples": s, "examples_per_s": args.batch / sec,
@@ -145,11 +154,12 @@ def main(argv=None) -> int:
                      "mfu": flops_per_step / sec / peak, "first_step_s": compile_times[name]}
             results[f"{dtype}/{name}"] = entry
             rows.append([dtype, name, entry["examples_per_s"], entry["tokens_per_s"], 100 * entry["mfu"],
-                         sec * 1e3, compile_times[name], (best_torch / sec) if name == "jaxclf" else ""])
+                         sec * 1e3, compile_times[name], (best_torch / sec) if name.startswith("jaxclf") else ""])
         print(f"{dtype}: " + ", ".join(f"{k} {args.batch / median(v):.1f} ex/s" for k, v in samples.items()),
               flush=True)
     table = (f"Model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, ff {args.ff}; "
-             f"batch {args.batch} x seq {args.seq}; {args.rounds} interleaved rounds x {args.steps} steps, medians; "
+             f"batch {args.batch} x seq {args.seq}; jaxclf in {micro_batches} micro-batches of {args.micro_batch_rows} "
+             f"rows; {args.rounds} interleaved rounds x {args.steps} steps, medians; "
              f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. "
              f"Matmul peak: JAX {peaks['jax_flops_per_s'] / 1e9:.1f}, torch {peaks['torch_flops_per_s'] / 1e9:.1f} "
              f"GFLOP/s.\n\n" + markdown_table(

@@ -24,7 +24,7 @@ def _small() -> tuple[ModelConfig, TrainingConfig]:
     return (ModelConfig(d_model=256, nhead=4, num_encoder_layers=4, dim_feedforward=1024,
                         max_position_embeddings=128, dropout=0.1, attention_dropout=0.1),
             TrainingConfig(output_dir="runs/default", num_train_epochs=12, per_device_train_batch_size=16,
-                           learning_rate=5e-4, warmup_steps=10, eval_steps=24, save_steps=24,
+                           micro_batches=2, learning_rate=5e-4, warmup_steps=10, eval_steps=24, save_steps=24,
                            logging_steps=6, tokenizer_vocab_size=2000))
 
 

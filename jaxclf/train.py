@@ -74,6 +74,11 @@ class TrainingConfig:
     metric_for_best_model: str = "macro_f1"  # "accuracy", "macro_f1" or "loss"
     early_stopping_patience: int = 0  # stop after N evaluations without improvement; 0 = never
     gradient_checkpointing: bool = False  # rematerialise each layer in the backward pass
+    # Split each step's batch into this many micro-batches, run one after another inside the jitted
+    # step (lax.scan) with their gradients summed: the same update as the whole batch (up to float
+    # summation order; dropout masks differ), but a CPU keeps a micro-batch's activations in cache
+    # (4 x 8 rows of 128 tokens: a 1.4x faster step on 2 cores). 1 on TPU/GPU.
+    micro_batches: int = 1
     mixed_precision: str = "no"  # "no" (fp32), "bf16", or "fp16" with dynamic loss scaling
     loss_scale_init: float = 2.0 ** 15  # fp16 only
     loss_scale_period: int = 2000  # fp16: double the scale after this many finite steps
@@ -100,6 +105,9 @@ class TrainingConfig:
             (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
             (self.max_grad_norm >= 0, "max_grad_norm", ">= 0"),
             (0.0 < self.layerwise_lr_decay <= 1.0, "layerwise_lr_decay", "in (0, 1]"),
+            (isinstance(self.micro_batches, int) and self.micro_batches >= 1
+             and self.per_device_train_batch_size % self.micro_batches == 0, "micro_batches",
+             f"a divisor of per_device_train_batch_size={self.per_device_train_batch_size}"),
         ]
         for ok, name, accepted in checks:
             if not ok:
@@ -157,19 +165,41 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
         params = state["params"]
         dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        total_weight = jnp.maximum(batch["weights"].sum(), 1.0)
 
-        # A fresh dropout stream per step, derived from (seed, step): a resumed run replays it exactly.
-        step_rest = jax.tree.map(
-            lambda x: dropout_key if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, rest)
-
-        def loss_fn(p):
+        def loss_fn(p, part, key):
+            # A fresh dropout stream per step, derived from (seed, step): a resumed run replays it exactly.
+            step_rest = jax.tree.map(
+                lambda x: key if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, rest)
             model = nnx.merge(graphdef, p, step_rest, copy=True)  # copy: dropout advances its RNG count
             model.train()
-            logits = model(batch["input_ids"], batch["attention_mask"])
-            loss, _ = _cross_entropy(logits, batch["labels"], batch["weights"])
+            logits = model(part["input_ids"], part["attention_mask"])
+            per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                                          part["labels"])
+            loss = (per_example * part["weights"]).sum() / total_weight  # this part's share of the mean
             return loss * state["loss_scale"], loss
 
-        grads, loss = jax.grad(loss_fn, has_aux=True)(params)
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        m = cfg.micro_batches
+        if m == 1:
+            grads, loss = grad_fn(params, batch, dropout_key)
+        else:
+            rows = batch["labels"].shape[0]
+            if rows % m:
+                raise ValueError(f"a batch of {rows} rows does not split into micro_batches={m}")
+
+            # Micro-batch k takes rows k, k+m, k+2m, ...: with the batch sharded over devices in
+            # contiguous blocks, every micro-batch stays spread evenly over them (no data movement).
+            def split(x):
+                return jnp.moveaxis(x.reshape(rows // m, m, *x.shape[1:]), 1, 0)
+
+            def accumulate(carry, xs):
+                micro, k = xs
+                g, l = grad_fn(params, micro, jax.random.fold_in(dropout_key, k))
+                return jax.tree.map(jnp.add, carry, (g, l)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+            (grads, loss), _ = jax.lax.scan(accumulate, zeros, (jax.tree.map(split, batch), jnp.arange(m)))
         grads = jax.tree.map(lambda g: g / state["loss_scale"], grads)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)

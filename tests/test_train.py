@@ -231,8 +231,9 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path, reference_run):
 
 
 @pytest.mark.slow
-def test_eight_devices_data_x_fsdp_match_one_device(tmp_path):
-    common = ["train.max_steps=6", "train.eval_split=0", "train.save_steps=100"]
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_eight_devices_data_x_fsdp_match_one_device(tmp_path, micro_batches):
+    common = ["train.max_steps=6", "train.eval_split=0", "train.save_steps=100", f"train.micro_batches={micro_batches}"]
     one = tmp_path / "one"
     run_train(one, *common, "train.per_device_train_batch_size=16")
     eight = tmp_path / "eight"
@@ -408,6 +409,36 @@ def test_fp16_overflow_step_is_skipped_not_applied():
     assert int(metrics["skipped"]) == 0
     assert any(not np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(applied["params"])))
+
+
+def test_micro_batches_give_the_whole_batch_update():
+    """micro_batches=4 (lax.scan gradient accumulation) = one pass over the batch, padding rows included."""
+    import jax.numpy as jnp
+    from jaxclf import sharding
+    from jaxclf.train import build_train_state, make_train_step
+
+    config = ModelConfig(vocab_size=50, d_model=16, nhead=2, num_encoder_layers=2, dim_feedforward=32,
+                         max_position_embeddings=16, dropout=0.0, attention_dropout=0.0)
+    rng = np.random.default_rng(0)
+    mask = (np.arange(12)[None] < rng.integers(3, 13, 8)[:, None]).astype(np.int32)
+    batch = {"input_ids": jnp.asarray(rng.integers(5, 50, (8, 12)) * mask, jnp.int32),
+             "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(rng.integers(0, 3, 8), jnp.int32),
+             "weights": jnp.asarray([1, 1, 1, 1, 1, 1, 0, 0], jnp.float32)}  # two padding rows
+    mesh = sharding.make_mesh()
+    results = {}
+    for m in (1, 4):
+        cfg = TrainingConfig(per_device_train_batch_size=8, micro_batches=m, warmup_steps=0)
+        setup = build_train_state(config, cfg, mesh, total_steps=10)
+        step = jax.jit(make_train_step(setup.graphdef, setup.rest, setup.tx, setup.schedule, cfg))
+        state, metrics = step(setup.state, batch)
+        state, metrics = step(state, batch)
+        results[m] = (jax.tree.map(np.asarray, state["params"]), {k: float(v) for k, v in metrics.items()})
+    for a, b in zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(results[4][0])):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
+    for key in ("loss", "grad_norm", "update_norm"):
+        assert results[4][1][key] == pytest.approx(results[1][1][key], rel=1e-5), key
+    with pytest.raises(ConfigError, match="micro_batches must be a divisor of per_device_train_batch_size=16"):
+        TrainingConfig(micro_batches=3)
 
 
 # ----------------------------------------------------------------------------- retention and early stopping
