@@ -32,8 +32,9 @@ a sentence-transformers checkpoint takes the pooling its `1_Pooling/config.json`
 ("mean" or "cls"), and its unused BERT pooler is dropped. Without a classifier head, --labels
 (or --num-classes) adds a freshly initialised one.
 
-Tokenizer truncation: min(max_position_embeddings, tokenizer_config model_max_length,
-sentence-transformers max_seq_length, max_length), saved inside tokenizer.json.
+Tokenizer truncation: --max-length if given (at most max_position_embeddings), else
+min(max_position_embeddings, tokenizer_config model_max_length, sentence-transformers
+max_seq_length); saved inside tokenizer.json.
 
 Export writes a `BertForSequenceClassification` directory; only models that are BERT
 (post-LN, learned positions, pooling="pooler") are exported. A model without token types
@@ -419,17 +420,26 @@ def _check_tokenizer(tok: Tokenizer, tok_cfg: Mapping[str, Any], pad_token_id: i
 
 def truncation_length(max_position_embeddings: int, tok_cfg: Mapping[str, Any],
                       max_seq_length: int | None, max_length: int | None) -> int:
-    """min(model positions, tokenizer model_max_length, sentence-transformers max_seq_length, max_length)."""
+    """The max length in tokens: an explicit max_length, else the checkpoint's own limits.
+
+    The checkpoint's limits are min(model positions, tokenizer model_max_length, sentence-transformers
+    max_seq_length). An explicit max_length wins over the last two (e.g. all-MiniLM-L6-v2 declares
+    256 tokens but has 512 positions, so --max-length 512 reads whole news articles); it can never
+    exceed the positions.
+    """
+    if max_length is not None:
+        if max_length < 3:
+            raise HFCheckpointError(f"--max-length must be >= 3 ([CLS], a token, [SEP]), got {max_length}")
+        if max_length > max_position_embeddings:
+            raise HFCheckpointError(f"--max-length {max_length} exceeds the model's max_position_embeddings="
+                                    f"{max_position_embeddings}")
+        return int(max_length)
     limits = [max_position_embeddings]
     model_max = tok_cfg.get("model_max_length")
     if isinstance(model_max, (int, float)) and 0 < model_max < UNLIMITED_LENGTH:
         limits.append(int(model_max))
     if max_seq_length:
         limits.append(int(max_seq_length))
-    if max_length is not None:
-        if max_length < 3:
-            raise HFCheckpointError(f"--max-length must be >= 3 ([CLS], a token, [SEP]), got {max_length}")
-        limits.append(int(max_length))
     return min(limits)
 
 

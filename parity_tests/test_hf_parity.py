@@ -301,6 +301,15 @@ def test_import_with_head_tail_truncation(classifier_dir, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_explicit_max_length_overrides_the_checkpoint_limit_up_to_the_positions(classifier_dir, tmp_path):
+    """tokenizer_config says 48 tokens, the model has 64 positions: --max-length 64 reads 64, 65 is refused."""
+    clf = jaxclf.load(hf.import_hf(classifier_dir[0], tmp_path / "long", max_length=64))
+    assert clf.encoder.max_length == 64 and clf.encode([" ".join(texts() * 20)])[0].shape[1] == 64
+    assert jaxclf.load(hf.import_hf(classifier_dir[0], tmp_path / "short", max_length=20)).encoder.max_length == 20
+    with pytest.raises(hf.HFCheckpointError, match="--max-length 65 exceeds the model's max_position_embeddings=64"):
+        hf.import_hf(classifier_dir[0], tmp_path / "bad", max_length=65)
+
+
 def test_export_refuses_models_that_are_not_bert(tmp_path):
     from tokenizers import Tokenizer
 

@@ -27,7 +27,9 @@ def main(argv=None) -> int:
     heads.add_argument("--labels", help="comma-separated label names in id order; required without a classifier "
                                         "head, and replaces the head when the count differs")
     heads.add_argument("--num-classes", type=int, help="like --labels with names LABEL_0..LABEL_{N-1}")
-    p.add_argument("--max-length", type=int, help="truncate texts to this many tokens (special tokens included)")
+    p.add_argument("--max-length", type=int,
+                   help="truncate texts to this many tokens, special tokens included (default: the checkpoint's "
+                        "own limit; may go up to its position embeddings)")
     p.add_argument("--truncation-head", type=int, default=None,
                    help="head+tail truncation: a longer text keeps its first N tokens and its last "
                         "(max length - N); default: keep the first max length tokens")
