@@ -1,7 +1,8 @@
 """Tokenization with Hugging Face `tokenizers`: train a BPE vocabulary, load any tokenizer.json.
 
-Truncation and padding are configured here, once, on the `tokenizers.Tokenizer` itself
-(they are saved inside tokenizer.json), so every caller gets the same ids and masks.
+The max length and padding are configured here, once, on the `tokenizers.Tokenizer` itself
+(saved inside tokenizer.json); `TextEncoder` adds the model's truncation rule (head only, or
+head+tail from ModelConfig.truncation_head), so every caller gets the same ids and masks.
 """
 
 from __future__ import annotations
@@ -61,24 +62,6 @@ def configure(tok: Tokenizer, max_length: int, pad_token_id: int) -> Tokenizer:
     tok.enable_truncation(max_length=max_length)
     tok.enable_padding(pad_id=pad_token_id, pad_token=pad_token)
     return tok
-
-
-def load(path: str, max_length: int, pad_token_id: int) -> Tokenizer:
-    """Load a tokenizer.json and configure truncation/padding for the model."""
-    return configure(Tokenizer.from_file(str(path)), max_length, pad_token_id)
-
-
-def encode(tok: Tokenizer, texts: Sequence[str] | str) -> tuple[np.ndarray, np.ndarray]:
-    """Texts -> (input_ids, attention_mask), both int32 (N, T) with T the longest text of the batch."""
-    if isinstance(texts, str):
-        texts = [texts]
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
-    encodings = tok.encode_batch(list(texts))
-    ids = np.asarray([e.ids for e in encodings], dtype=np.int32).reshape(len(texts), -1)
-    mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int32).reshape(len(texts), -1)
-    return ids, mask
 
 
 def truncate_head_tail(ids: Sequence[int], max_length: int, head: int) -> list[int]:

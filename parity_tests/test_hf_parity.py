@@ -29,7 +29,7 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed: pip install 'jaxclf[hf]' for the HF parity tests")
 
 import jaxclf  # noqa: E402
-from jaxclf import hf, tokenizer as tokenization  # noqa: E402
+from jaxclf import hf  # noqa: E402
 from jaxclf.weights import WeightsError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_text_classifier_matches_transformers_end_to_end(classifier_dir, tmp_pat
     assert clf.tokenizer.truncation["max_length"] == 48  # tokenizer_config model_max_length < 64 positions
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     enc = hf_tok(texts(), padding=True, truncation=True, return_tensors="pt")
-    ids, mask = tokenization.encode(clf.tokenizer, texts())
+    ids, mask = clf.encoder.encode(texts())
     np.testing.assert_array_equal(ids, enc["input_ids"].numpy())
     np.testing.assert_array_equal(mask, enc["attention_mask"].numpy())
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_vocab_txt_tokenizer_matches_transformers(bert_dir, tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     assert hf_tok.backend_tokenizer.normalizer.lowercase is False
     want = hf_tok(texts(), padding=True, truncation=True, max_length=48)["input_ids"]
-    ids, _ = tokenization.encode(clf.tokenizer, texts())
+    ids, _ = clf.encoder.encode(texts())
     np.testing.assert_array_equal(ids, np.asarray(want))
     assert 1 in ids  # cased: upper-case words are [UNK] in this lower-case vocabulary
 
@@ -362,7 +362,7 @@ def test_minilm_sentence_embeddings_match_transformers(tmp_path):
 
     enc = transformers.AutoTokenizer.from_pretrained(hf_dir)(
         MINILM_SENTENCES, padding=True, truncation=True, max_length=256, return_tensors="pt")
-    ids, mask = tokenization.encode(clf.tokenizer, MINILM_SENTENCES)
+    ids, mask = clf.encoder.encode(MINILM_SENTENCES)
     np.testing.assert_array_equal(ids, enc["input_ids"].numpy())
     assert (mask == 0).any()
     bert = transformers.BertModel.from_pretrained(hf_dir).eval()

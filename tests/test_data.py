@@ -198,7 +198,8 @@ def test_tokenize_once_without_padding():
     ds = data.tokenize_dataset(tok, texts, data.label_ids(labels, vocab, SAMPLE_CSV))
     assert len(ds) == 240 and ds.ids.dtype == np.int32 and ds.labels.dtype == np.int32
     assert ds.lengths.max() == 32 and ds.lengths.min() < 32  # truncated, not padded
-    ids, mask = tokenization.encode(tok, texts[:20])  # the caller's tokenizer still pads
+    assert tok.padding is not None  # the caller's tokenizer keeps its padding
+    ids, mask = tokenization.TextEncoder(tok).encode(texts[:20])
     assert ids.shape[1] == max(ds.lengths[:20])
     for k in range(20):
         np.testing.assert_array_equal(ds[k]["ids"], ids[k][mask[k] == 1])
