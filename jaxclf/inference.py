@@ -41,6 +41,7 @@ from flax import nnx
 
 from jaxclf import classifier, model_dir
 from jaxclf.classifier import bucket_for, predictions
+from jaxclf.tokenizer import pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -451,11 +452,7 @@ class InferenceEngine:
         """Logits (len(rows), C) of token-id rows, in one compiled call of the smallest bucket that holds them."""
         n, longest = len(rows), max(len(r) for r in rows)
         b, t = bucket_for(n, self.batch_buckets), bucket_for(longest, self.length_buckets)
-        ids = np.full((b, t), self.config.pad_token_id, np.int32)  # (B, T)
-        mask = np.zeros((b, t), np.int32)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = row
-            mask[i, :len(row)] = 1
+        ids, mask = pad_rows(rows, self.config.pad_token_id, (b, t))  # (B, T); padding rows all masked
         logits = np.asarray(self._executables[(b, t)](self._weights, ids, mask))  # (B, C)
         with self._lock:
             self._batches += 1

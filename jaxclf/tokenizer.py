@@ -114,14 +114,20 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str] | str) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), both int32 (N, T) with T the longest text of the batch."""
-        rows = self.ids([texts] if isinstance(texts, str) else list(texts))
-        width = max((len(r) for r in rows), default=0)
-        ids = np.full((len(rows), width), self.pad_id, np.int32)
-        mask = np.zeros((len(rows), width), np.int32)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = row
-            mask[i, :len(row)] = 1
-        return ids, mask
+        return pad_rows(self.ids([texts] if isinstance(texts, str) else list(texts)), self.pad_id)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int,
+             shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Id lists -> right-padded (input_ids, attention_mask), int32 `shape` (default: rows x longest)."""
+    if shape is None:
+        shape = (len(rows), max((len(r) for r in rows), default=0))
+    ids = np.full(shape, pad_id, np.int32)
+    mask = np.zeros(shape, np.int32)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
 
 
 def pad_to(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
