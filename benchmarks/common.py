@@ -102,6 +102,23 @@ def write_results(name: str, payload: dict, table: str) -> Path:
     return RESULTS / f"{name}.md"
 
 
+def subplots(*args, **kwargs):
+    """matplotlib's (fig, axes) on the non-interactive Agg backend (benchmarks run headless)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    """Title, lay out, write as PNG and release the figure."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     def fmt(x):
         return f"{x:,.3g}" if isinstance(x, float) else str(x)

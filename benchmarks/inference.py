@@ -48,7 +48,8 @@ import numpy as np  # noqa: E402
 # faster torch setting on a busy machine; an OMP_WAIT_POLICY already set in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common import RESULTS, add_model_args, int_list as _ints, interleaved, markdown_table, median, write_results  # noqa: E402
+from common import (RESULTS, add_model_args, int_list as _ints, interleaved, markdown_table, median,  # noqa: E402
+                    save_figure, subplots, write_results)
 from server_process import (ServerProcess, create_random_model_dir, http_json, proc_status,  # noqa: E402
                             sample_texts)
 
@@ -314,11 +315,7 @@ def tables(args, results: dict, startup: dict) -> str:
 
 
 def plot(results: dict, lengths: list[int], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(lengths), figsize=(5.5 * len(lengths), 7.5), squeeze=False)
+    fig, axes = subplots(2, len(lengths), figsize=(5.5 * len(lengths), 7.5), squeeze=False)
     for col, t in enumerate(lengths):
         rows = sorted((r for r in results.values() if r["length"] == t), key=lambda r: r["batch"])
         for name in VARIANTS:
@@ -339,10 +336,7 @@ def plot(results: dict, lengths: list[int], path: Path) -> None:
             ax.set_title(f"seq {t}: {ylabel}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle("Inference on CPU: jaxclf vs torch_ref (higher examples/s, lower latency is better)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, "Inference on CPU: jaxclf vs torch_ref (higher examples/s, lower latency is better)")
 
 
 def main(argv=None) -> int:

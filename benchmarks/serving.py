@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import RESULTS, int_list as _ints, markdown_table, median, write_results  # noqa: E402
+from common import (RESULTS, int_list as _ints, markdown_table, median, save_figure, subplots,  # noqa: E402
+                    write_results)
 from server_process import (SERVE_SCRIPT, ServerProcess, create_random_model_dir, http_json,  # noqa: E402
                             metric_sum, sample_texts)
 
@@ -300,11 +301,7 @@ def server_settings(args, startup: dict) -> str:
 
 
 def plot(args, predict: dict, batch: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = subplots(1, 3, figsize=(16, 4.6))
     for mode in MODES:
         rs = [predict[f"{mode}/{c}"] for c in args.concurrency]
         axes[0].plot(args.concurrency, [r["requests_per_s"] for r in rs], marker="o", label=mode)
@@ -322,10 +319,7 @@ def plot(args, predict: dict, batch: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[1].set_yscale("log")
-    fig.suptitle("scripts/serve.py on CPU: dynamic batching on vs off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, "scripts/serve.py on CPU: dynamic batching on vs off")
 
 
 def main(argv=None) -> int:
