@@ -127,7 +127,7 @@ def write_jsonl(path: Path, texts, labels) -> Path:
 def ensure_split(name: str, data_root: Path) -> Path:
     directory = data_root / name
     if not ((directory / "train.jsonl").is_file() and (directory / "test.jsonl").is_file()):
-        from jaxclf.datasets import prepare
+        from jaxclf.train.datasets import prepare
         log.info("%s: no split in %s yet; preparing it (scripts/prepare_data.py %s)", name, directory, name)
         prepare(name, directory)
     return directory
@@ -137,7 +137,7 @@ def stratified_subset(labels: list[str], n: int, seed: int) -> list[int]:
     """About n indices (every label in proportion), chosen by seed; all of them when n >= len(labels)."""
     if n >= len(labels):
         return list(range(len(labels)))
-    from jaxclf.data import stratified_split
+    from jaxclf.train.data import stratified_split
     _, picked = stratified_split(labels, n / len(labels), seed=seed)
     return picked.tolist()
 

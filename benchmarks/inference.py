@@ -92,8 +92,8 @@ def engine_probe(args) -> int:
     import importlib.util
 
     started = time.perf_counter()
-    from jaxclf.inference import InferenceEngine
-    importlib.import_module("jaxclf.service")  # what scripts/serve.py runs, so its imports count too
+    from jaxclf.serve.engine import InferenceEngine
+    importlib.import_module("jaxclf.serve.app")  # what scripts/serve.py runs, so its imports count too
     spec = importlib.util.spec_from_file_location("serve_script", Path(__file__).resolve().parent.parent
                                                   / "scripts" / "serve.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))

@@ -29,7 +29,7 @@ _LISTENING = re.compile(r"listening on http://([^\s:/]+|\[[^\]]+\]):(\d+)")
 
 def sample_texts(path: str | os.PathLike = SAMPLE_TEXTS) -> list[str]:
     """The `text` column of a CSV or JSONL file; by default the shipped sample (short, review/tweet-like)."""
-    from jaxclf.data import read_examples
+    from jaxclf.train.data import read_examples
     texts, _, _ = read_examples(path)
     return texts
 

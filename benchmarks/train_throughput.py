@@ -51,8 +51,8 @@ def jax_step_runner(config, batch_np, dtype: str, micro_batches: int = 1):
     import jax
     import jax.numpy as jnp
 
-    from jaxclf import sharding
-    from jaxclf.train import TrainingConfig, build_train_state, make_train_step
+    from jaxclf.train import sharding
+    from jaxclf.train.loop import TrainingConfig, build_train_state, make_train_step
 
     cfg = TrainingConfig(mixed_precision={"float32": "no", "bfloat16": "bf16"}[dtype], warmup_steps=10,
                          per_device_train_batch_size=len(batch_np["labels"]), micro_batches=micro_batches)
@@ -106,7 +106,7 @@ def torch_step_runner(config, batch_np, dtype: str, compiled: bool):
 def matmul_peak() -> dict:
     import torch
 
-    from jaxclf import flops
+    from jaxclf.train import flops
     n = 1024
     a = torch.ones(n, n)
     torch_peak = 2 * n ** 3 / timed(lambda: torch.mm(a, a), 20)
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     import torch
 
     from jaxclf.config import ModelConfig
-    from jaxclf.flops import train_flops_per_example
+    from jaxclf.train.flops import train_flops_per_example
 
     torch.set_num_threads(os.cpu_count())
     config = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, nhead=args.heads,

@@ -15,8 +15,8 @@ _LAZY = {
     "create": "jaxclf.classifier",
     "TextClassifier": "jaxclf.classifier",
     "ModelConfig": "jaxclf.config",
-    "InferenceEngine": "jaxclf.inference",
-    "create_app": "jaxclf.service",
+    "InferenceEngine": "jaxclf.serve.engine",
+    "create_app": "jaxclf.serve.app",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -61,6 +61,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from jaxclf import model_dir, tokenizer as tokenization, weights
 from jaxclf.config import ConfigError, ModelConfig
+from jaxclf.errors import JaxclfError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
 UNLIMITED_LENGTH = 10 ** 6  # tokenizer_config's "no limit" is int(1e30); anything this large means none
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(JaxclfError, ValueError):
     """A Hugging Face checkpoint cannot be mapped exactly; the message names what and why."""
 
 

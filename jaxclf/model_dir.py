@@ -24,6 +24,7 @@ import safetensors.numpy
 from tokenizers import Tokenizer
 
 from jaxclf.config import ConfigError, ModelConfig
+from jaxclf.errors import JaxclfError
 
 FORMAT = "jaxclf-model"
 FORMAT_VERSION = 1
@@ -32,7 +33,7 @@ CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, METRICS_FILE = (
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 
 
-class ModelDirectoryError(ValueError):
+class ModelDirectoryError(JaxclfError, ValueError):
     """A model directory is missing, incomplete or inconsistent; the message names the file and problem."""
 
 

@@ -137,3 +137,27 @@ def pad_to(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int) -> tuple
         raise ValueError(f"cannot pad length {ids.shape[1]} down to {length}")
     return (np.pad(ids, ((0, 0), (0, extra)), constant_values=pad_id),
             np.pad(mask, ((0, 0), (0, extra)), constant_values=0))
+
+
+def length_buckets(max_length: int, smallest: int = 16, midpoints: bool = False) -> tuple[int, ...]:
+    """Padded lengths: powers of two from `smallest`, capped by max_length.
+
+    midpoints=True adds 1.5 × each power of two from 32 (48, 96, 192, 384): texts just past a
+    power of two (a 33-token tweet) then pad to 48 rather than 64. Serving uses them; training
+    does not, as every length bucket costs one more compilation of the train step.
+    """
+    buckets, n = set(), smallest
+    while n < max_length:
+        buckets.add(n)
+        if midpoints and n >= 32 and n * 3 // 2 < max_length:
+            buckets.add(n * 3 // 2)
+        n *= 2
+    buckets.add(max_length)
+    return tuple(sorted(buckets))
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} is longer than the largest bucket {buckets[-1]}")

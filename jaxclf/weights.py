@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxclf.config import ModelConfig
+from jaxclf.errors import JaxclfError
 
 # NNX leaf name -> (PyTorch leaf name, transpose?)
 LEAF_TABLE: dict[str, tuple[str, bool]] = {
@@ -24,7 +25,7 @@ LEAF_TABLE: dict[str, tuple[str, bool]] = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(JaxclfError, ValueError):
     """A set of tensors does not fit the model; the message names every offending tensor."""
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from jaxclf import optim
+from jaxclf.train import optim
 from parity_tests import twins
 
 HYPER = dict(learning_rate=1e-2, warmup_steps=2, total_steps=6, weight_decay=0.1, max_grad_norm=1.0,

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jaxclf
-    from jaxclf import data
+    from jaxclf.train import data
     from jaxclf.metrics import classification_report
 
     try:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None) -> int:
-    from jaxclf.datasets import READERS, DatasetUnavailable, prepare
+    from jaxclf.train.datasets import READERS, DatasetUnavailable, prepare
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=sorted(READERS), help="data set")

@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def model_source(args: argparse.Namespace):
     """What to serve: a model directory, or registry references (checked by hash here, before listening)."""
     from jaxclf import model_dir
-    from jaxclf.model_slot import RegistrySource, parse_split
+    from jaxclf.serve.slot import RegistrySource, parse_split
     if args.registry is None:
         try:  # fail before listening on a wrong path: cheap, and no JAX needed
             model_dir.check_files(args.model)
@@ -112,7 +112,7 @@ def model_source(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from jaxclf import service
+    from jaxclf.serve import app as service
 
     try:
         source = model_source(args)

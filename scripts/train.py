@@ -43,14 +43,14 @@ def main(argv=None) -> int:
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from jaxclf import sharding
+    from jaxclf.train import sharding
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
     from jaxclf.config import ConfigError
-    from jaxclf.data import DataError
+    from jaxclf.train.data import DataError
     from jaxclf.model_dir import ModelDirectoryError
-    from jaxclf.presets import apply_overrides, get_preset
-    from jaxclf.train import train
+    from jaxclf.train.presets import apply_overrides, get_preset
+    from jaxclf.train.loop import train
 
     try:
         model_cfg, train_cfg = get_preset(args.config)

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxclf import data, tokenizer as tokenization
-from jaxclf.classifier import bucket_for
+from jaxclf import tokenizer as tokenization
+from jaxclf.train import data
+from jaxclf.tokenizer import bucket_for
 from jaxclf.config import ConfigError, ModelConfig
 
 SAMPLE_CSV = Path(__file__).resolve().parents[1] / "data" / "sample_texts.csv"
@@ -112,7 +113,7 @@ def test_not_an_array_record_file(tmp_path):
 def test_skip_bad_counts_lists_and_warns_once(tmp_path, caplog):
     path = write(tmp_path, "train.csv", b"text,label\ngood one,positive\n,negative\ncaf\xe9,neutral\n"
                                         b"a,b,c\nanother good,negative\n")
-    with caplog.at_level(logging.WARNING, logger="jaxclf.data"):
+    with caplog.at_level(logging.WARNING, logger="jaxclf.train.data"):
         texts, labels, report = data.read_examples(path, skip_bad=True)
     assert texts == ["good one", "another good"] and labels == ["positive", "negative"]
     assert report.rows == 2 and report.lines == [2, 6] and report.path == str(path)

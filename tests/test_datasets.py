@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from jaxclf import datasets
+from jaxclf.train import datasets
 
 
 def test_deduplicate_keeps_first_and_drops_conflicting_texts():

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import jaxclf
-from jaxclf import inference
+from jaxclf.serve import engine as inference
 from hypothesis import given, settings, strategies as st
 
-from jaxclf.classifier import bucket_for
-from jaxclf.inference import (CALL_OVERHEAD_SLOTS, DeadlineExceeded, EngineClosedError, InferenceEngine,
+from jaxclf.tokenizer import bucket_for
+from jaxclf.serve.engine import (CALL_OVERHEAD_SLOTS, DeadlineExceeded, EngineClosedError, InferenceEngine,
                               Prediction, QueueFullError, ResultCache, plan_calls)
 
 

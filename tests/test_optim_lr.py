@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxclf import optim
+from jaxclf.train import optim
 from jaxclf.config import ModelConfig
 from jaxclf.model import create_model
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxclf import registry_cli
+from jaxclf.cli import registry as registry_cli
 from jaxclf.registry import (ConflictError, InvalidNameError, NotFoundError, Ref, Registry, RegistryError,
                              TamperedVersionError, UnsafeArchiveError, content_hash)
 

@@ -18,11 +18,11 @@ import pytest
 
 from jaxclf import model_dir
 from jaxclf.classifier import softmax
-from jaxclf.inference import InferenceEngine
-from jaxclf.model_slot import RegistrySource, TrafficSplit, key_point, parse_split
-from jaxclf.monitoring import DriftMonitor, confidence_bin, psi
+from jaxclf.serve.engine import InferenceEngine
+from jaxclf.serve.slot import RegistrySource, TrafficSplit, key_point, parse_split
+from jaxclf.serve.monitoring import DriftMonitor, confidence_bin, psi
 from jaxclf.registry import Registry
-from jaxclf.service import create_app
+from jaxclf.serve.app import create_app
 from test_service import JSON, REPO, Server, metric_value  # the real server as tests/test_service.py starts it
 
 TOKEN = "registry-serving-test-token-0123"
@@ -98,7 +98,7 @@ def test_psi():
 def test_drift_psi_stays_low_for_the_reference_distribution_and_crosses_for_a_shift(caplog):
     rng = np.random.default_rng(0)
     monitor = DriftMonitor("m@v1", LABELS, REF_CONFIDENCE, REF_LABELS, window=1000, threshold=0.2)
-    caplog.set_level(logging.INFO, logger="jaxclf.monitoring")
+    caplog.set_level(logging.INFO, logger="jaxclf.serve.monitoring")
     for label, conf in synthetic_stream(rng, 1000, REF_CONFIDENCE, REF_LABELS):
         monitor.observe(label, conf)
     unshifted = monitor.values()
@@ -177,7 +177,7 @@ def test_drift_through_the_service(drift_model, sample_texts, caplog):
             return {kind: float(line.rsplit(" ", 1)[1]) for kind in ("confidence", "label")
                     for line in text.splitlines() if line.startswith("jaxclf_drift_psi{") and f'kind="{kind}"' in line}
 
-        caplog.set_level(logging.INFO, logger="jaxclf.monitoring")
+        caplog.set_level(logging.INFO, logger="jaxclf.serve.monitoring")
         rng = random.Random(0)
         send([rng.choice(sample_texts) for _ in range(400)])  # drawn from the evaluation distribution
         unshifted = gauges()

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from jaxclf import api_schema
-from jaxclf.inference import InferenceEngine
-from jaxclf.service import create_app
+from jaxclf.serve import api_schema
+from jaxclf.serve.engine import InferenceEngine
+from jaxclf.serve.app import create_app
 REPO = Path(__file__).resolve().parents[1]
 JSON = {"Content-Type": "application/json"}
 CHROMIUM = Path("/usr/bin/chromium")
@@ -454,7 +454,7 @@ def test_compilation_cache_makes_restart_faster(tiny_model_dir, tmp_path):
 
 
 def test_serving_path_never_imports_torch(tiny_model_dir):
-    code = ("import sys; from jaxclf.service import create_app; "
+    code = ("import sys; from jaxclf.serve.app import create_app; "
             f"app = create_app({str(tiny_model_dir)!r}, engine_options={{'max_batch_size': 1}}); "
             "assert app.extensions['jaxclf'].wait_ready(60); "
             "assert app.test_client().post('/predict', json={'text': 'hi'}).status_code == 200; "

@@ -23,10 +23,10 @@ import safetensors.numpy
 
 import jaxclf
 from jaxclf.config import ConfigError, ModelConfig
-from jaxclf.data import DataError
+from jaxclf.train.data import DataError
 from jaxclf.metrics import classification_report
-from jaxclf.presets import apply_overrides, get_preset
-from jaxclf.train import TrainingConfig, train
+from jaxclf.train.presets import apply_overrides, get_preset
+from jaxclf.train.loop import TrainingConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -219,7 +219,7 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path, reference_run):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
     assert "preempted at step" in stderr
-    from jaxclf.checkpoint import Checkpointer
+    from jaxclf.train.checkpoint import Checkpointer
     saved = Checkpointer(out / "checkpoints", async_save=False).latest_step()
     assert saved is not None and 0 < saved < 30, f"expected a mid-run checkpoint, got {saved}"
     assert not (out / "model").exists()
@@ -250,8 +250,9 @@ def test_eight_devices_data_x_fsdp_match_one_device(tmp_path, micro_batches):
 
 RESTORE_CHECK = """
 import sys, numpy as np, jax, safetensors.numpy
-from jaxclf import sharding, weights
-from jaxclf.train import restore_checkpoint
+from jaxclf import weights
+from jaxclf.train import sharding
+from jaxclf.train.loop import restore_checkpoint
 out, fsdp = sys.argv[1], int(sys.argv[2])
 mesh = sharding.make_mesh(data=-1, fsdp=fsdp)
 state, meta = restore_checkpoint(out, mesh=mesh)
@@ -382,8 +383,8 @@ def test_mixed_precision_runs_train(tmp_path, precision):
 def test_fp16_overflow_step_is_skipped_not_applied():
     """A loss scale so large the scaled gradients overflow: params and optimiser state stay, the scale halves."""
     import jax.numpy as jnp
-    from jaxclf import sharding
-    from jaxclf.train import build_train_state, make_train_step
+    from jaxclf.train import sharding
+    from jaxclf.train.loop import build_train_state, make_train_step
 
     config = ModelConfig(vocab_size=50, d_model=16, nhead=2, num_encoder_layers=1, dim_feedforward=32,
                          max_position_embeddings=16, dtype="float16")
@@ -414,8 +415,8 @@ def test_fp16_overflow_step_is_skipped_not_applied():
 def test_micro_batches_give_the_whole_batch_update():
     """micro_batches=4 (lax.scan gradient accumulation) = one pass over the batch, padding rows included."""
     import jax.numpy as jnp
-    from jaxclf import sharding
-    from jaxclf.train import build_train_state, make_train_step
+    from jaxclf.train import sharding
+    from jaxclf.train.loop import build_train_state, make_train_step
 
     config = ModelConfig(vocab_size=50, d_model=16, nhead=2, num_encoder_layers=2, dim_feedforward=32,
                          max_position_embeddings=16, dropout=0.0, attention_dropout=0.0)

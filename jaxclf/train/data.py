@@ -29,7 +29,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from jaxclf import tokenizer as tokenization
-from jaxclf.classifier import bucket_for
+from jaxclf.tokenizer import bucket_for
+from jaxclf.errors import JaxclfError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ _BOM = b"\xef\xbb\xbf"
 READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 
 
-class DataError(ValueError):
+class DataError(JaxclfError, ValueError):
     """A data file that cannot be used as it is; the message reads `file:line: problem`."""
 
 

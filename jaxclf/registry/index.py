@@ -47,6 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Mapping
 
 from jaxclf import model_dir
+from jaxclf.errors import JaxclfError
 
 DB_FILE = "registry.db"
 SCHEMA_VERSION = 1
@@ -67,7 +68,7 @@ ALIAS_RULE = ("1-64 characters: lowercase letters, digits, '_' or '-', starting 
 TAG_KEY_RULE = "1-64 characters: letters, digits, '_', '.' or '-', starting with a letter or '_'"
 
 
-class RegistryError(ValueError):
+class RegistryError(JaxclfError, ValueError):
     """Something the user asked of the registry cannot be done; the message says why and what is accepted."""
 
 
@@ -943,9 +944,3 @@ def _extract_export(archive: Path, dest: Path) -> tuple[dict[str, Any], dict[str
                                  f"\"format\": \"{EXPORT_FORMAT}\")")
     return manifest, files
 
-
-if __name__ == "__main__":
-    import sys
-
-    from jaxclf.registry_cli import main
-    sys.exit(main())

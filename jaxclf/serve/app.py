@@ -38,11 +38,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from werkzeug.exceptions import HTTPException
 
 import jaxclf
-from jaxclf import api_schema, monitoring
-from jaxclf.inference import (BatchRecord, DeadlineExceeded, EngineClosedError, InferenceEngine,
+from jaxclf.serve import api_schema
+from jaxclf.serve import monitoring
+from jaxclf.serve.engine import (BatchRecord, DeadlineExceeded, EngineClosedError, InferenceEngine,
                               InferenceError, QueueFullError)
-from jaxclf.model_slot import Arm, DirectorySource, ModelSlot, ModelSource, Target
-from jaxclf.ui_page import HTML as UI_HTML
+from jaxclf.serve.slot import Arm, DirectorySource, ModelSlot, ModelSource, Target
+from jaxclf.serve.ui_page import HTML as UI_HTML
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("jaxclf.access")

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "registry":
-        from jaxclf.registry_cli import main as registry_main
+        from jaxclf.cli.registry import main as registry_main
         return registry_main(rest)
     print(f"jaxclf: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2

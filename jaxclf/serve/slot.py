@@ -24,8 +24,8 @@ import threading
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from jaxclf.inference import InferenceEngine
-from jaxclf.monitoring import DriftMonitor
+from jaxclf.serve.engine import InferenceEngine
+from jaxclf.serve.monitoring import DriftMonitor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,7 @@ class DirectorySource:
         self.path, self.version = Path(path), version
 
     def resolve(self) -> list[Target]:
-        from jaxclf.inference import model_version
+        from jaxclf.serve.engine import model_version
         return [Target(self.version or model_version(self.path), self.path, 1.0, str(self.path))]
 
     def describe(self) -> str:

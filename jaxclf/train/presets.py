@@ -12,8 +12,8 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from jaxclf.config import ConfigError, ModelConfig
-from jaxclf.train import TrainingConfig
+from jaxclf.config import ConfigError, ModelConfig, TrainingConfig
+
 
 
 def _small() -> tuple[ModelConfig, TrainingConfig]:

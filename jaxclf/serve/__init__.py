@@ -1,0 +1,26 @@
+"""Serving: AOT-compiled inference engine, dynamic batcher, result cache, and the Flask service under waitress.
+
+    from jaxclf.serve import InferenceEngine, create_app
+    engine = InferenceEngine(model_path="runs/default/model")
+    engine.predict_single("a lovely little cafe").predicted_class
+
+    python -m jaxclf.serve --model runs/default/model --port 8000     # or: jaxclf serve ...
+
+Imported lazily, so `python -m jaxclf.serve --help` answers without loading JAX.
+"""
+
+import importlib
+
+_LAZY = {
+    "InferenceEngine": "jaxclf.serve.engine",
+    "create_app": "jaxclf.serve.app",
+    "serve": "jaxclf.serve.app",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxclf.serve' has no attribute {name!r}")
