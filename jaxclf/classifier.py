@@ -96,6 +96,17 @@ class TextClassifier:
         return model_dir.write(path, self.config, self.torch_state(), self.tokenizer, self.metrics)
 
 
+    # The original framework's (and Hugging Face's) names for the model directory round trip.
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Same as save(path): writes the model directory."""
+        return self.save(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "TextClassifier":
+        """Same as jaxclf.load(path)."""
+        return load(path)
+
+
 def load(path: str | os.PathLike) -> TextClassifier:
     """Load a model directory (config.json, model.safetensors, tokenizer.json, metrics.json)."""
     config, tensors, tok, metrics = model_dir.read(path)

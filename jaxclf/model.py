@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +234,14 @@ class Pooler(nnx.Module):
         self.dense = f.dense(config.d_model, config.d_model, ("embed", None))
 
 
+class ModelOutput(NamedTuple):
+    """Typed outputs of TransformerClassifier(..., return_outputs=True)."""
+
+    logits: Array  # (B, C) float32
+    hidden_states: Array  # (B, T, D) last encoder layer
+    pooled_output: Array  # (B, D) what the classifier reads (CLS, mean or BERT pooler), before dropout
+
+
 class TransformerClassifier(nnx.Module):
     """Encoder classifier. Call with input_ids (B, T) int, attention_mask (B, T) -> logits (B, C) float32."""
 
@@ -271,11 +281,29 @@ class TransformerClassifier(nnx.Module):
         return hidden, pooled
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-                 token_type_ids: Array | None = None) -> Array:
-        _, pooled = self.features(input_ids, attention_mask, token_type_ids)
-        return self.classifier(self.dropout(pooled)).astype(jnp.float32)
+                 token_type_ids: Array | None = None, return_outputs: bool = False) -> Array | ModelOutput:
+        """Logits (B, C) float32; with return_outputs=True the typed ModelOutput (logits, hidden states, pooled)."""
+        hidden, pooled = self.features(input_ids, attention_mask, token_type_ids)
+        logits = self.classifier(self.dropout(pooled)).astype(jnp.float32)
+        return ModelOutput(logits, hidden, pooled) if return_outputs else logits
+
+    def save_pretrained(self, path: str, tokenizer) -> "Path":
+        """Writes a model directory (config.json, model.safetensors, tokenizer.json) with this tokenizer."""
+        from jaxclf.classifier import TextClassifier
+        return TextClassifier(self, tokenizer).save(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "TransformerClassifier":
+        """The model of a model directory (jaxclf.load(path) also gives its tokenizer)."""
+        from jaxclf.classifier import load
+        return load(path).model
 
 
 def create_model(config: ModelConfig, seed: int = 0) -> TransformerClassifier:
     """A freshly initialised model; `params` and `dropout` RNG streams both derive from `seed`."""
     return TransformerClassifier(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+# The original framework's names for the same blocks (see README, "Coming from the original framework").
+MultiHeadAttention = SelfAttention  # query/key/value projections and the masked softmax
+TransformerEncoderBlock = Layer  # attention + feed-forward, each with its residual and LayerNorm

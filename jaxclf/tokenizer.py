@@ -18,24 +18,30 @@ SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # ids 0..4 in a trained vocabulary
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2,
-                    lowercase: bool = True) -> Tokenizer:
+                    lowercase: bool = True, decodable: bool = False) -> Tokenizer:
     """Train a BPE tokenizer with BERT-style pre-tokenization and specials ([CLS] text [SEP], [PAD]=0).
 
     BPE rather than WordPiece because `tokenizers`' WordPiece trainer (and BPE with a `##`
     continuation prefix or an end-of-word suffix) picks a different vocabulary from run to run
     on ties, so two identical training runs would not give identical models; plain BPE training
     is deterministic, which resumable, reproducible runs need.
+
+    decodable=True splits words at spaces and marks them with "▁" (SentencePiece's Metaspace)
+    instead of BERT's pre-tokenizer, so decode(encode(text)) gives the (normalised) text back with
+    its spaces; still plain, deterministic BPE. SimpleTokenizer uses it.
     """
     tok = Tokenizer(models.BPE(unk_token=UNK))
     norm = [normalizers.NFD(), normalizers.StripAccents()]
     if lowercase:
         norm.insert(1, normalizers.Lowercase())
     tok.normalizer = normalizers.Sequence(norm)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.BPEDecoder()
+    if decodable:
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    else:
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.BertPreTokenizer(), decoders.BPEDecoder()
     # Every printable ASCII character is in the vocabulary even if the corpus lacks it ("!" -> not [UNK]).
     alphabet = sorted(set(string.ascii_lowercase if lowercase else string.ascii_letters)
-                      | set(string.digits) | set(string.punctuation))
+                      | set(string.digits) | set(string.punctuation) | ({"▁"} if decodable else set()))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet,
                                   show_progress=False)
@@ -45,6 +51,63 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
         single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
         special_tokens=[(CLS, cls_id), (SEP, sep_id)])
     return tok
+
+
+class SimpleTokenizer:
+    """The original framework's tokenizer API (build a vocabulary, encode, decode, save, load) over `tokenizers`.
+
+        tok = SimpleTokenizer(vocab_size=2000).build_vocab(texts)
+        ids = tok.encode("a lovely little cafe")      # [CLS] ... [SEP], truncated to max_length
+        tok.decode(ids)                               # "a lovely little cafe"
+        tok.save("tokenizer.json"); SimpleTokenizer.load("tokenizer.json")
+
+    `tok.tokenizer` is the Hugging Face Tokenizer that jaxclf.create / model directories take.
+    """
+
+    def __init__(self, vocab_size: int = 8000, max_length: int = 128, lowercase: bool = True,
+                 tokenizer: Tokenizer | None = None):
+        self.requested_vocab_size, self.max_length, self.lowercase = vocab_size, max_length, lowercase
+        self.tokenizer = tokenizer
+
+    def build_vocab(self, texts: Iterable[str], min_frequency: int = 2) -> "SimpleTokenizer":
+        """Trains the BPE vocabulary on `texts` (deterministic); returns self."""
+        self.tokenizer = train_tokenizer(texts, self.requested_vocab_size, min_frequency, self.lowercase,
+                                         decodable=True)
+        return self
+
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("the tokenizer has no vocabulary yet: call build_vocab(texts) or load(path) first")
+        return self.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok().get_vocab_size()
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._tok().token_to_id(PAD)
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        """Token ids of one text, [CLS] and [SEP] included, truncated to max_length (not padded)."""
+        ids = self._tok().encode(text).ids
+        limit = max_length or self.max_length
+        return ids if len(ids) <= limit else ids[:limit - 1] + ids[-1:]
+
+    def encode_batch(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        return [self.encode(t, max_length) for t in texts]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok().decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save(self, path: str) -> None:
+        """Writes tokenizer.json (a plain JSON file: loading it never runs code)."""
+        self._tok().save(str(path))
+
+    @classmethod
+    def load(cls, path: str, max_length: int = 128) -> "SimpleTokenizer":
+        tok = Tokenizer.from_file(str(path))
+        return cls(vocab_size=tok.get_vocab_size(), max_length=max_length, tokenizer=tok)
 
 
 def configure(tok: Tokenizer, max_length: int, pad_token_id: int) -> Tokenizer:
