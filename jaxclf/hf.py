@@ -50,8 +50,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -647,22 +645,13 @@ def export_hf(model_directory: str | os.PathLike, out_dir: str | os.PathLike) ->
         if foreign:
             raise HFCheckpointError(f"{target} exists and holds {', '.join(foreign[:5])}; export writes a "
                                     f"new directory, give a path that does not exist or an earlier export")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with model_dir.atomic_directory(target) as tmp:  # a failure leaves any previous export intact
         (tmp / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n", encoding="utf-8")
         safetensors.numpy.save_file(hf_tensors(config, tensors), str(tmp / "model.safetensors"),
                                     metadata={"format": "pt"})
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(
             json.dumps(_tokenizer_config(tok, config, max_length), indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # a crash before this line leaves any previous export intact
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s -> %s (BertForSequenceClassification, %d labels)", model_directory, target,
              config.num_classes)
     return target

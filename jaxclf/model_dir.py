@@ -5,19 +5,21 @@
     tokenizer.json     a Hugging Face `tokenizers` file
     metrics.json       evaluation metrics at export time (a JSON object)
 
-Writing is atomic: files go to a temporary sibling directory that replaces the target
-only once complete, so an interrupted save never leaves a half-written model behind.
+Writing is atomic (`atomic_directory`, also used by the Hugging Face export): files go to a
+temporary sibling directory that replaces the target only once complete and fsynced, so an
+interrupted save never leaves a half-written model behind.
 Reading never executes code: JSON and safetensors only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import safetensors.numpy
@@ -99,10 +101,7 @@ def read(model_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarra
 def write(model_dir: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, np.ndarray],
           tokenizer: Tokenizer, metrics: Mapping[str, Any] | None = None) -> Path:
     """Write a complete model directory atomically, replacing any previous one at that path."""
-    target = Path(model_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(model_dir) as tmp:
         cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "jaxclf_version": _version(),
                "model": config.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -111,18 +110,58 @@ def write(model_dir: str | os.PathLike, config: ModelConfig, tensors: Mapping[st
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         (tmp / METRICS_FILE).write_text(json.dumps(dict(metrics or {}), indent=2, sort_keys=True) + "\n",
                                         encoding="utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    return Path(model_dir)
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """fsync a directory, so that names created or renamed in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yields an empty directory beside `target`; when the block ends without error it replaces `target`.
+
+    Everything written into it is fsynced before the rename and the parent after it, so a crash
+    leaves the old directory or the complete new one, never a half-written one (at worst a hidden
+    `.NAME.tmp-*` or `.NAME.old-*` sibling). On an error the temporary directory is removed and
+    `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        for path in sorted(tmp.rglob("*"), reverse=True):  # files before the directories holding them
+            if path.is_dir():
+                fsync_directory(path)
+            else:
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        fsync_directory(tmp)
+        _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+    fsync_directory(target.parent)
+
+
+def _swap_into_place(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; a previous `target` is moved aside first, removed after, restored on failure."""
+    if not (target.exists() or target.is_symlink()):
+        os.replace(new, target)
+        return
+    holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, holder / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(holder / target.name, target)
+        holder.rmdir()
+        raise
+    shutil.rmtree(holder, ignore_errors=True)

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+import jaxclf
 from jaxclf.cli import registry as registry_cli
 from jaxclf.registry import (ConflictError, InvalidNameError, NotFoundError, Ref, Registry, RegistryError,
-                             TamperedVersionError, UnsafeArchiveError, content_hash)
+                             TamperedVersionError, UnsafeArchiveError, compare, content_hash,
+                             git_commit)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +65,7 @@ def test_register_records_metadata_and_lineage(reg, tiny_model_dir, tiny_model_d
     assert base.metadata["config"]["model"]["d_model"] == 32
     assert base.metadata["data_fingerprint"]["train_file"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     assert base.metadata["data_fingerprint"]["eval_file"] == {"path": str(tmp_path / "gone.csv"), "sha256": None}
-    commit = base.metadata["code_commit"]  # the test runs in the repository: a commit, unless git is absent
+    commit = base.metadata["code_commit"]  # jaxclf's own checkout: a commit, unless git is absent
     assert commit is None or len(commit) == 40
     assert base.created_at.endswith("Z") and base.parent is None and base.tags["team"] == "nlp"
     assert (base.path / "model.safetensors").stat().st_mode & 0o222 == 0  # read-only copy
@@ -72,10 +74,10 @@ def test_register_records_metadata_and_lineage(reg, tiny_model_dir, tiny_model_d
     tuned_dir = copy_model(tiny_model_dir_seed1, tmp_path / "tuned", {
         "eval": {"accuracy": 0.7, "macro_f1": 0.6}, "training_config": {"init_from": str(base_dir),
                                                                         "learning_rate": 5e-4}})
-    monkeypatch.chdir(tmp_path)  # not a git checkout: no commit recorded
+    monkeypatch.chdir(tmp_path)  # the commit is jaxclf's, wherever the command runs
     tuned = reg.register(tuned_dir, "sentiment")
     assert tuned.ref == "sentiment@v1" and tuned.parent == "base@v1"
-    assert tuned.metadata["parent_source"] == "init_from" and tuned.metadata["code_commit"] is None
+    assert tuned.metadata["parent_source"] == "init_from" and tuned.metadata["code_commit"] == commit
     assert tuned.metadata["data_fingerprint"] is None
     explicit = reg.register(tiny_model_dir, "sentiment", parent="sentiment@v1")
     assert explicit.ref == "sentiment@v2" and explicit.parent == "sentiment@v1"
@@ -83,10 +85,37 @@ def test_register_records_metadata_and_lineage(reg, tiny_model_dir, tiny_model_d
     with pytest.raises(NotFoundError, match="sentiment@v9"):
         reg.register(tiny_model_dir, "sentiment", parent="sentiment@v9")
 
-    result = registry_cli.compare(reg, "base@v1", "sentiment@v1")
+    result = compare(reg, "base@v1", "sentiment@v1")
     assert result["metrics"]["eval.accuracy"] == {"a": 0.5, "b": 0.7, "delta": pytest.approx(0.2)}
     assert result["training_config_diff"]["learning_rate"] == {"a": 1e-3, "b": 5e-4}
     assert result["config_diff"] == {} and result["same_content"] is False
+
+
+def _git(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}  # e.g. GIT_DIR from a hook
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_code_commit_is_jaxclfs_checkout_not_the_working_directory(reg, tiny_model_dir, tmp_path, monkeypatch):
+    package = Path(jaxclf.__file__).parent
+    tracked = _git(package, "ls-files", "--error-unmatch", "__init__.py").returncode == 0
+    expected = _git(package, "rev-parse", "HEAD").stdout.strip() if tracked else None  # None: installed, no checkout
+    other = tmp_path / "other-project"  # the user's own project, where they happen to run the command
+    other.mkdir()
+    assert _git(other, "init", "-q").returncode == 0
+    assert _git(other, "commit", "-q", "--allow-empty", "-m", "theirs").returncode == 0
+    theirs = _git(other, "rev-parse", "HEAD").stdout.strip()
+    monkeypatch.chdir(other)
+    v = reg.register(tiny_model_dir, "m")
+    assert v.metadata["code_commit"] == expected and v.metadata["code_commit"] != theirs
+    # A copy of the package lying untracked inside another checkout (a virtualenv in a project) has no commit.
+    vendored = other / ".venv" / "jaxclf"
+    vendored.mkdir(parents=True)
+    (vendored / "__init__.py").write_text("")
+    assert git_commit(vendored) is None
+    assert git_commit(tmp_path / "reg") is None  # not a checkout at all
 
 
 def test_aliases_promote_rollback_delete_and_history(reg, tiny_model_dir, tiny_model_dir_seed1):
@@ -179,7 +208,7 @@ def test_tampered_versions_are_refused(reg, tiny_model_dir):
     with pytest.raises(TamperedVersionError, match="missing tokenizer.json"):
         reg.resolve("m@v1")
     code = registry_cli.main(["--root", str(reg.root), "verify"])
-    assert code == 1
+    assert code == 2
 
 
 def test_export_import_round_trip(reg, tiny_model_dir, tmp_path):
@@ -265,9 +294,12 @@ def test_cli(tmp_path, tiny_model_dir, tiny_model_dir_seed1, capsys):
     code, out, _ = cli(root, "compare", "m@v1", "m@v2", capsys=capsys)
     assert code == 0 and "config diff: none" in out
     code, out, err = cli(root, "register", str(tiny_model_dir), "--name", "../x", capsys=capsys)
-    assert code == 1 and "invalid model name '../x'" in err
+    assert code == 2 and err.strip() == "jaxclf registry: error: invalid model name '../x': use 1-100 " \
+        "characters: lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
     code, out, err = cli(root, "delete", "m@v2", capsys=capsys)
-    assert code == 1 and "production" in err
+    assert code == 2 and "production" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli(tmp_path / "typo", "list", capsys=capsys)  # only register/import create a registry
+    assert code == 2 and "no registry at" in err and not (tmp_path / "typo").exists()
     code, out, _ = cli(root, "history", "m", "--json", capsys=capsys)
     assert [e["action"] for e in json.loads(out)] == ["register", "register", "promote", "promote"]
     # The console script and `python -m` both reach the same CLI.
@@ -278,6 +310,13 @@ def test_cli(tmp_path, tiny_model_dir, tiny_model_dir_seed1, capsys):
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
     assert Registry(root).get("m@production").version == 2  # rolled back twice: toggled back
+
+
+def test_the_registry_package_loads_neither_the_cli_nor_jax():
+    probe = ("import sys, jaxclf.registry; "
+             "print(sorted(m for m in sys.modules if m.startswith(('jaxclf.cli', 'jax.', 'flax')) or m == 'jax'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # --- concurrency and crashes -------------------------------------------------------------------------
@@ -359,7 +398,7 @@ def test_a_registration_killed_mid_copy_leaves_no_version(tmp_path, tiny_model_d
 
 
 def test_gc_keeps_the_work_of_live_processes(reg, tiny_model_dir):
-    with reg._work_dir("register") as work:
+    with reg.store.work_dir("register") as work:
         (work / "partial").write_text("in progress")
         assert reg.gc() == [] and (work / "partial").exists()
     (reg.models_dir / "m" / "v7").mkdir(parents=True)  # unreferenced

@@ -1,7 +1,11 @@
-"""`python -m jaxclf.registry ...` is `jaxclf registry ...`."""
+"""`python -m jaxclf.registry ...` is `jaxclf registry ...`.
+
+The one place in this package that reaches the command line, and only when run as a program:
+importing jaxclf.registry never loads jaxclf.cli.
+"""
 
 import sys
 
-from jaxclf.cli.registry import main
+from jaxclf.cli import main
 
-sys.exit(main())
+sys.exit(main(["registry", *sys.argv[1:]]))
