@@ -139,6 +139,27 @@ class SentenceTransformersLayout:
     lowercase: bool  # sentence-transformers lower-cases the text itself before tokenizing
 
 
+def _module_dir(root: Path, modules_file: Path, kind: str, path: Any) -> Path:
+    """A module's directory: `path` relative to the checkpoint, and inside it once symlinks are resolved.
+
+    modules.json comes with the checkpoint; a path out of it ("../x", "/etc", a symlink) would make
+    import read, and copy into the model directory, files that are not the checkpoint's.
+    """
+    if not isinstance(path, str):
+        raise HFCheckpointError(f"{modules_file}: the {kind} module's path must be a string, got "
+                                f"{type(path).__name__}")
+    inside = root.resolve()
+    try:
+        found = (root / path).resolve()
+    except (OSError, ValueError) as e:  # a NUL byte, a symlink loop
+        raise HFCheckpointError(f"{modules_file}: the {kind} module's path {path!r} must be a directory: {e}") \
+            from None
+    if Path(path).is_absolute() or (found != inside and inside not in found.parents):
+        raise HFCheckpointError(f"{modules_file}: the {kind} module's path {path!r} is outside the checkpoint "
+                                f"{root}; module paths must be relative directories inside it")
+    return root / path
+
+
 def read_sentence_transformers(root: Path) -> SentenceTransformersLayout | None:
     """The sentence-transformers layout of `root` (modules.json), or None for a plain HF directory."""
     modules_file = root / "modules.json"
@@ -150,25 +171,26 @@ def read_sentence_transformers(root: Path) -> SentenceTransformersLayout | None:
         raise HFCheckpointError(f"{modules_file}: not valid JSON ({e})") from e
     if not isinstance(modules, list):
         raise HFCheckpointError(f"{modules_file}: expected a list of modules")
-    by_type: dict[str, str] = {}
+    by_type: dict[str, Path] = {}
     for module in modules:
         kind = module.get("type", "") if isinstance(module, dict) else ""
         if kind not in SENTENCE_TRANSFORMERS_MODULES:
             raise HFCheckpointError(
                 f"{modules_file}: sentence-transformers module {kind or module!r} is not supported "
                 f"(accepted: {', '.join(SENTENCE_TRANSFORMERS_MODULES)})")
-        by_type[kind.rsplit(".", 1)[1]] = module.get("path", "")
+        short = kind.rsplit(".", 1)[1]
+        by_type[short] = _module_dir(root, modules_file, short, module.get("path", ""))
     if "Transformer" not in by_type or "Pooling" not in by_type:
         raise HFCheckpointError(f"{modules_file}: needs a Transformer and a Pooling module, found "
                                 f"{sorted(by_type)}")
-    pooling_cfg = _read_json(root / by_type["Pooling"] / "config.json")
+    pooling_cfg = _read_json(by_type["Pooling"] / "config.json")
     modes = sorted(k[len("pooling_mode_"):] for k, v in pooling_cfg.items() if k.startswith("pooling_mode_") and v)
     accepted = {"mean_tokens": "mean", "cls_token": "cls"}
     if len(modes) != 1 or modes[0] not in accepted:
         raise HFCheckpointError(
-            f"{root / by_type['Pooling'] / 'config.json'}: pooling mode(s) {modes} are not supported; "
+            f"{by_type['Pooling'] / 'config.json'}: pooling mode(s) {modes} are not supported; "
             f"jaxclf maps exactly one of pooling_mode_mean_tokens (-> mean) or pooling_mode_cls_token (-> cls)")
-    transformer_dir = root / by_type["Transformer"]
+    transformer_dir = by_type["Transformer"]
     st_cfg_file = transformer_dir / "sentence_bert_config.json"
     st_cfg = _read_json(st_cfg_file) if st_cfg_file.is_file() else {}
     return SentenceTransformersLayout(transformer_dir=transformer_dir, pooling=accepted[modes[0]],

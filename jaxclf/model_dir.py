@@ -14,6 +14,7 @@ Reading never executes code: JSON and safetensors only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -151,10 +152,31 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     fsync_directory(target.parent)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the OS or filesystem cannot."""
+    import ctypes
+
+    rename_at2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename_at2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE from <fcntl.h> / <linux/fs.h>
+    if rename_at2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _swap_into_place(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; a previous `target` is moved aside first, removed after, restored on failure."""
+    """Rename `new` to `target`. A previous `target` directory is exchanged with `new` in one step, so a
+    reader finds the old directory or the new one, never none; where the filesystem cannot exchange, it
+    is moved aside first (a moment without `target`), removed after, restored on failure."""
     if not (target.exists() or target.is_symlink()):
         os.replace(new, target)
+        return
+    if target.is_dir() and not target.is_symlink() and _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the previous directory
         return
     holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     os.replace(target, holder / target.name)

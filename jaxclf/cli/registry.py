@@ -5,9 +5,12 @@
     jaxclf registry --root /srv/reg rollback sentiment production
     jaxclf registry --root /srv/reg compare sentiment@v1 sentiment@v2
 
-The root comes from --root or the JAXCLF_REGISTRY environment variable. Every command takes
---json to print data instead of text. Exit status: 0 done; 2 refused (one line on stderr says
-why: a bad name, an unknown version, a tampered copy) or bad usage.
+The root comes from --root or the JAXCLF_REGISTRY environment variable; a root this process
+cannot write is opened read-only (the reading commands work, the others are refused). Every
+command takes --json to print data instead of text. Text output escapes control characters in
+recorded values (metric keys, creators: an imported archive's author chose them). Exit status:
+0 done; 2 refused (one line on stderr says why: a bad name, an unknown version, a tampered copy)
+or bad usage.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 from typing import Any, Callable
 
 from jaxclf.cli import run_command
-from jaxclf.registry import ModelVersion, Registry, RegistryError, compare, parse_tag
+from jaxclf.registry import ImportLimits, ModelVersion, Registry, RegistryError, compare, parse_tag, printable
 
 ROOT_ENV = "JAXCLF_REGISTRY"
 PROG = "jaxclf registry"
@@ -46,26 +49,28 @@ def command(name: str, summary: str, *arguments: tuple[tuple[str, ...], dict[str
 
 
 def _version_line(v: ModelVersion) -> str:
-    tags = " ".join(f"{k}={val}" for k, val in sorted(v.tags.items()))
-    accuracy = ((v.metadata.get("metrics") or {}).get("eval") or {}).get("accuracy")
+    tags = " ".join(f"{k}={printable(val)}" for k, val in sorted(v.tags.items()))
+    eval_metrics = (v.metadata.get("metrics") or {}).get("eval")
+    accuracy = eval_metrics.get("accuracy") if isinstance(eval_metrics, dict) else None
     acc = f"acc={accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
-    return "  ".join(x for x in (f"{v.ref:<24}", v.created_at, v.creator, v.content_hash[:12], acc,
+    return "  ".join(x for x in (f"{v.ref:<24}", v.created_at, printable(v.creator), v.content_hash[:12], acc,
                                  f"parent={v.parent}" if v.parent else "", tags) if x)
 
 
 def _compare_text(result: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        return f"{v:.4f}" if isinstance(v, float) else printable(v)
 
     a, b = result["a"], result["b"]
-    width = max([len(k) for k in result["metrics"]] + [6])
+    keys = {key: printable(key) for key in result["metrics"]}
+    width = max([len(k) for k in keys.values()] + [6])
     lines = [f"{'metric':<{width}}  {a:>16}  {b:>16}  {'b - a':>10}"]
     for key, row in result["metrics"].items():
         delta = f"{row['delta']:+.4f}" if row["delta"] is not None else ""
-        lines.append(f"{key:<{width}}  {fmt(row['a']):>16}  {fmt(row['b']):>16}  {delta:>10}")
+        lines.append(f"{keys[key]:<{width}}  {fmt(row['a']):>16}  {fmt(row['b']):>16}  {delta:>10}")
     for title in ("config_diff", "training_config_diff"):
         lines.append(f"\n{title.replace('_', ' ')}:" + ("" if result[title] else " none"))
-        lines += [f"  {key}: {row['a']!r} -> {row['b']!r}" for key, row in result[title].items()]
+        lines += [f"  {printable(key)}: {row['a']!r} -> {row['b']!r}" for key, row in result[title].items()]
     return "\n".join(lines)
 
 
@@ -151,9 +156,14 @@ def export(reg: Registry, args: argparse.Namespace, say: Say) -> Any:
 
 
 @command("import", "register the version in an export .tar.gz (hash checked)", arg("file"),
-         arg("--name", default=None, help="register under this name instead of the archived one"))
+         arg("--name", default=None, help="register under this name instead of the archived one"),
+         arg("--max-member-bytes", type=int, default=ImportLimits.max_member_bytes, metavar="N",
+             help="refuse an archive holding a file larger than this (default: %(default)s)"),
+         arg("--max-total-bytes", type=int, default=ImportLimits.max_total_bytes, metavar="N",
+             help="refuse an archive whose files hold more than this in all (default: %(default)s)"))
 def import_archive(reg: Registry, args: argparse.Namespace, say: Say) -> Any:
-    v = reg.import_archive(args.file, name=args.name)
+    limits = ImportLimits(max_member_bytes=args.max_member_bytes, max_total_bytes=args.max_total_bytes)
+    v = reg.import_archive(args.file, name=args.name, limits=limits)
     say(f"imported {args.file} as {v.ref} (sha256 {v.content_hash[:16]}... verified)")
     return v.to_dict()
 
@@ -172,7 +182,7 @@ def history(reg: Registry, args: argparse.Namespace, say: Say) -> Any:
         target = f"v{e.version}" if e.version is not None else ""
         alias = f"{e.alias} -> " if e.alias else ""
         extra = f" (was v{e.details['previous']})" if e.details.get("previous") is not None else ""
-        say(f"{e.time}  {e.user:<12}  {e.action:<9}  {alias}{target}{extra}")
+        say(f"{e.time}  {printable(e.user):<12}  {e.action:<9}  {alias}{target}{extra}")
     return [e.to_dict() for e in events]
 
 
@@ -221,7 +231,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the parsed command; any RegistryError (a JaxclfError) is left to run_command."""
-    say: Say = (lambda text: None) if args.json else print
+    # Fields are escaped where they are formatted (a newline in a key must not start a line); this
+    # catches any control character that still reaches the terminal.
+    say: Say = (lambda text: None) if args.json else (lambda text: print(printable(text, keep="\n")))
     try:
         out = args.func(Registry(args.root, create=args.command in CREATING_COMMANDS), args, say)
         if args.json:

@@ -5,9 +5,9 @@
     reg.set_alias("sentiment", "v1", "production")
     reg.resolve("sentiment@production")        # Path of the copy, after checking its hash
 
-Layout of the root (a local directory; SQLite's WAL mode does not work on network filesystems):
+Layout of the root (a local directory; SQLite's locking is not reliable on network filesystems):
 
-    registry.db           the index (SQLite, WAL): models, versions, aliases, the audit log   (index.py)
+    registry.db           the index (SQLite): models, versions, aliases, the audit log        (index.py)
     models/NAME/vN/       one immutable copy per version; its files are read-only             (store.py)
     tmp/                  work in progress (registrations being copied, deletions); never read (store.py)
 
@@ -15,7 +15,12 @@ A version is visible exactly when its row is committed, and the row is committed
 directory is complete, hashed, fsynced and renamed into place, inside the same write transaction
 that allocates the version number. A crash at any point leaves either no version or a whole one;
 what it leaves under tmp/ (or an unreferenced directory under models/) is ignored and removed by
-a later register or `gc`.
+a later register or `gc`. Before that commit the staged copy is parsed (contents.py): its config,
+its safetensors header, its tokenizer; an import is also bounded in size (archive.ImportLimits).
+
+Read-only: `Registry(root, read_only=True)`, or any root this process cannot write (a replica's
+read-only mount), reads without creating or writing anything, and sees what writers commit
+meanwhile: a server's reload follows a moved alias. Changes raise ReadOnlyRegistryError.
 
 The copy is staged in a work directory under tmp/ rather than written with
 model_dir.atomic_directory beside its target: the target's version number is only known inside
@@ -25,7 +30,6 @@ the write transaction, and the (long) copy must not hold the write lock.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 from pathlib import Path
@@ -33,31 +37,51 @@ from typing import Any, Mapping
 
 from jaxclf import model_dir
 from jaxclf.registry import archive as archives
-from jaxclf.registry.errors import ConflictError, InvalidNameError, NotFoundError, RegistryError
+from jaxclf.registry.contents import check_version_files
+from jaxclf.registry.errors import (ConflictError, InvalidNameError, NotFoundError, ReadOnlyRegistryError,
+                                    RegistryError)
 from jaxclf.registry.index import DB_FILE, Event, Index, ModelVersion
 from jaxclf.registry.names import Ref, check_alias, check_description, check_name, check_tags
 from jaxclf.registry.provenance import current_user, data_fingerprint, git_commit, utc_now
 from jaxclf.registry.store import Store, content_hash, manifest_hash, model_files, write_hashed
 
 
+def _cannot_write(root: Path) -> bool:
+    """Whether this process cannot write the registry at `root` (a read-only mount, or permissions)."""
+    db = root / DB_FILE
+    return root.is_dir() and (not os.access(root, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)))
+
+
 class Registry:
     """A registry rooted at a local directory (created on first use unless create=False).
 
-    Safe to share between threads and processes: every call opens its own SQLite connection.
+    read_only: True opens it without ever writing (see the module docstring); None (the default)
+    does so when the root cannot be written. Safe to share between threads and processes: every
+    call opens its own SQLite connection.
     """
 
-    def __init__(self, root: str | os.PathLike, user: str | None = None, create: bool = True):
+    def __init__(self, root: str | os.PathLike, user: str | None = None, create: bool = True,
+                 read_only: bool | None = None):
         self.root = Path(root).expanduser().resolve()
         if self.root.exists() and not self.root.is_dir():
             raise RegistryError(f"registry root {self.root} exists and is not a directory")
-        if not create and not (self.root / DB_FILE).is_file():
+        self.read_only = _cannot_write(self.root) if read_only is None else bool(read_only)
+        if (self.read_only or not create) and not (self.root / DB_FILE).is_file():
             raise NotFoundError(f"no registry at {self.root} (no {DB_FILE}); check the path, or register a "
                                 f"model there first")
         self.user = user or current_user()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.root)
-        self.index = Index(self.root / DB_FILE)
+        if not self.read_only:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RegistryError(f"cannot create the registry at {self.root}: {e.strerror}") from None
+        self.store = Store(self.root, create=not self.read_only)
+        self.index = Index(self.root / DB_FILE, read_only=self.read_only)
         self.models_dir, self.tmp_dir = self.store.models_dir, self.store.tmp_dir
+
+    def _check_writable(self, action: str) -> None:
+        if self.read_only:
+            raise ReadOnlyRegistryError(f"cannot {action}: the registry at {self.root} is open read-only")
 
     def version_dir(self, name: str, version: int) -> Path:
         return self.store.version_dir(name, version)
@@ -137,6 +161,7 @@ class Registry:
 
     def gc(self) -> list[str]:
         """Remove what crashed operations left behind; returns what was removed (paths relative to root)."""
+        self._check_writable("clean up")
         removed = self.store.collect_work_dirs()
         # Version directories whose transaction never committed: checked under the write lock, which
         # every rename into models/ holds, so none of these can be in the middle of registering.
@@ -163,21 +188,16 @@ class Registry:
         parent: NAME@VERSION this model was derived from; by default the registered version whose
         content matches the model directory named by metrics.json's training_config.init_from.
         """
+        self._check_writable(f"register {source_dir}")
         check_name(name)
         tags = check_tags(tags)
         description = check_description(description)
         src = Path(source_dir)
-        try:
+        try:  # a quick look before a long copy; the copy itself is checked below
             model_dir.read_config(model_dir.check_files(src))
-            metrics = _read_metrics(src)
         except model_dir.ModelDirectoryError as e:
             raise RegistryError(f"cannot register {src}: {e}") from None
-        parent_version, parent_source = self._parent_of(metrics, parent)
-        config = json.loads((src / model_dir.CONFIG_FILE).read_text(encoding="utf-8"))
-        metadata = {"metrics": metrics, "config": config, "data_fingerprint": data_fingerprint(metrics),
-                    "code_commit": git_commit(), "source": str(src.resolve()), "parent_source": parent_source,
-                    "parent_content_hash": parent_version.content_hash if parent_version else None}
-        parent_ref = parent_version.ref if parent_version else None
+        explicit_parent = self.get(Ref.parse(parent)) if parent else None
         self._collect_garbage()
         with self.store.work_dir("register") as work:
             staged = work / "model"
@@ -186,14 +206,21 @@ class Registry:
             for f in model_files(src):
                 with open(src / f, "rb") as source:
                     files[f] = write_hashed(source, staged / f)
+            # checked as copied, so what is committed is what was checked, whatever happens to src meanwhile
+            config, metrics = check_version_files(staged, f"cannot register {src}")
+            parent_version, parent_source = ((explicit_parent, "explicit") if explicit_parent
+                                             else self._parent_from_init(metrics))
+            metadata = {"metrics": metrics, "config": config, "data_fingerprint": data_fingerprint(metrics),
+                        "code_commit": git_commit(), "source": str(src.resolve()), "parent_source": parent_source,
+                        "parent_content_hash": parent_version.content_hash if parent_version else None}
+            parent_ref = parent_version.ref if parent_version else None
             return self._commit(staged, name, files, description, tags, parent_ref, metadata, "register")
 
-    def _parent_of(self, metrics: Mapping[str, Any], explicit: str | None
-                   ) -> tuple[ModelVersion | None, str | None]:
-        """(parent version, how it was found: "explicit" or "init_from") or (None, None)."""
-        if explicit:
-            return self.get(Ref.parse(explicit)), "explicit"
-        init_from = (metrics.get("training_config") or {}).get("init_from")
+    def _parent_from_init(self, metrics: Mapping[str, Any]) -> tuple[ModelVersion | None, str | None]:
+        """(the version whose content matches metrics.json's training_config.init_from, "init_from"), or
+        (None, None)."""
+        training = metrics.get("training_config")
+        init_from = training.get("init_from") if isinstance(training, Mapping) else None
         if not isinstance(init_from, str) or not init_from:
             return None, None
         try:
@@ -232,6 +259,7 @@ class Registry:
 
     def set_alias(self, name: str, version: str | int, alias: str, action: str = "alias") -> ModelVersion:
         """Point `alias` at a version (v3, 3, or another alias's target); the old target is remembered."""
+        self._check_writable(f"{action} {name}@{alias}")
         check_name(name)
         check_alias(alias)
         selector = f"v{version}" if isinstance(version, int) else str(version)
@@ -251,6 +279,7 @@ class Registry:
 
     def rollback(self, name: str, alias: str) -> ModelVersion:
         """Move `alias` back to its previous target (a second rollback undoes the first)."""
+        self._check_writable(f"roll back {name}@{alias}")
         check_name(name)
         check_alias(alias)
         with self.index.write() as db:
@@ -271,6 +300,7 @@ class Registry:
 
     def delete(self, ref: str) -> ModelVersion:
         """Delete one version (NAME@vN); refused while an alias points at it."""
+        self._check_writable(f"delete {ref}")
         parsed = Ref.parse(ref, default_alias=None)
         if parsed.version is None:
             raise InvalidNameError(f"delete takes an exact version like {parsed.name}@v3, got {ref!r}; aliases "
@@ -295,8 +325,13 @@ class Registry:
         """Write one version (files + recorded metadata) to a .tar.gz, after checking its hash."""
         return archives.write_archive(self.checked(ref), archive)
 
-    def import_archive(self, archive: str | os.PathLike, name: str | None = None) -> ModelVersion:
-        """Register the version in an export archive as the next version of its name (or `name`)."""
+    def import_archive(self, archive: str | os.PathLike, name: str | None = None,
+                       limits: archives.ImportLimits | None = None) -> ModelVersion:
+        """Register the version in an export archive as the next version of its name (or `name`).
+
+        limits: the sizes the archive may unpack to (archive.ImportLimits; its defaults when None).
+        """
+        self._check_writable(f"import {archive}")
         path = Path(archive)
         if not path.is_file():
             raise NotFoundError(f"archive {path} does not exist")
@@ -304,32 +339,15 @@ class Registry:
         with self.store.work_dir("import") as work:
             staged = work / "model"
             staged.mkdir()
-            manifest, files = archives.read_archive(path, staged)
+            manifest, files = archives.read_archive(path, staged, limits)
             target_name = check_name(name or manifest.get("name"))
             archives.check_contents(path, manifest, files)
-            try:
-                model_dir.read_config(staged)
-            except model_dir.ModelDirectoryError as e:
-                raise RegistryError(f"{path}: the archived model is not valid: {e}") from None
+            config, metrics = check_version_files(staged, str(path))
             parent = None
             parent_hash = manifest.get("parent_content_hash")
             if isinstance(parent_hash, str):
                 matches = self.find_by_hash(parent_hash)
                 parent = matches[0].ref if matches else None
             return self._commit(staged, target_name, files, check_description(manifest.get("description") or ""),
-                                check_tags(manifest.get("tags") or {}), parent,
-                                archives.imported_metadata(path, manifest, parent), "import")
-
-
-def _read_metrics(src: Path) -> dict[str, Any]:
-    """metrics.json of a model directory as a dict ({} when it has none)."""
-    path = src / model_dir.METRICS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise model_dir.ModelDirectoryError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(metrics, dict):
-        raise model_dir.ModelDirectoryError(f"{path}: expected a JSON object, got {type(metrics).__name__}")
-    return metrics
+                                check_tags(manifest.get("tags")), parent,
+                                archives.imported_metadata(path, manifest, parent, config, metrics), "import")

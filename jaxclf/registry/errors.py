@@ -24,4 +24,9 @@ class TamperedVersionError(RegistryError):
 
 
 class UnsafeArchiveError(RegistryError):
-    """An export archive holds something import refuses: absolute paths, '..', links, unknown files."""
+    """An export archive holds something import refuses: absolute paths, '..', links, unknown files, sparse or
+    oversized members, a malformed manifest."""
+
+
+class ReadOnlyRegistryError(RegistryError):
+    """A change was asked of a registry opened read-only (read_only=True, or a directory it cannot write)."""

@@ -1,9 +1,19 @@
-"""The registry's index: one SQLite database (WAL) of models, versions, aliases and the audit log.
+"""The registry's index: one SQLite database of models, versions, aliases and the audit log.
 
 Every call opens its own connection, so one Index is safe to share between threads, and any
 number of processes may share the database file. Reads run in one snapshot (`read`); writes take
 the write lock at once (`write`, BEGIN IMMEDIATE), so concurrent writers queue up rather than fail.
 The audit log is append-only: triggers refuse any UPDATE or DELETE on it.
+
+Journal mode DELETE (a rollback journal), not WAL, so that the database can be read from a
+read-only directory (a replica's read-only mount of the registry): a reader opens it with
+`mode=ro` and needs no file beside it, and sees every commit at its next transaction, so a
+server's reload follows an alias that a writer moved. A WAL database cannot be opened there
+unless its -wal and -shm files happen to exist (SQLite removes them when the last writer closes),
+and `immutable=1` would never see a change. The price: a writer's commit waits for readers'
+snapshots to end (milliseconds here; busy_timeout covers it). Writers convert a WAL database
+made by an older jaxclf on open. A read-only Index never writes: no schema, no pragma that
+persists, no journal.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import dataclasses
 import json
 import sqlite3
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +34,8 @@ from jaxclf.registry.provenance import utc_now
 DB_FILE = "registry.db"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another writer's transaction
+JOURNAL_MODE = "delete"  # readable from a read-only directory; see the module docstring
+_WAL_HEADER_OFFSET = 18  # bytes 18-19 of a SQLite file: 1 = rollback journal, 2 = WAL
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -122,33 +135,66 @@ class Event:
 
 
 class Index:
-    """The database file at `path`, created (or checked) on construction."""
+    """The database file at `path`, created (or checked) on construction; read_only: opened `mode=ro`."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, read_only: bool = False):
         self.path = path
-        self._init_db()
+        self.read_only = read_only
+        if read_only:
+            self._check_readable()
+        else:
+            self._init_db()
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        if self.read_only:
+            db = sqlite3.connect(f"file:{urllib.parse.quote(str(self.path))}?mode=ro", uri=True,
+                                 timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        else:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            db.execute("PRAGMA synchronous = FULL")  # per connection: every commit is on disk when it returns
         db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         db.execute("PRAGMA foreign_keys = ON")
         db.row_factory = sqlite3.Row
         return db
 
+    def _check_schema(self, db: sqlite3.Connection) -> int:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RegistryError(f"{self.path} has schema version {version}; this jaxclf reads up to "
+                                f"{SCHEMA_VERSION}; upgrade jaxclf")
+        return version
+
+    def _check_readable(self) -> None:
+        try:
+            with contextlib.closing(self._connect()) as db:
+                if self._check_schema(db) < SCHEMA_VERSION:
+                    raise RegistryError(f"{self.path} holds no registry schema yet; open it writable once "
+                                        f"(e.g. register a model) before reading it read-only")
+        except sqlite3.Error as e:
+            hint = ""
+            if self._is_wal():
+                hint = ("; it is in WAL mode (made by an older jaxclf), which SQLite cannot read from a read-only "
+                        "directory: run any `jaxclf registry` command on it once with write access to convert it")
+            raise RegistryError(f"cannot open the registry index {self.path} read-only: {e}{hint}") from None
+
+    def _is_wal(self) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(_WAL_HEADER_OFFSET)
+                return f.read(1) == b"\x02"
+        except OSError:
+            return False
+
     def _init_db(self) -> None:
         deadline = time.monotonic() + BUSY_TIMEOUT_S
-        while True:  # switching to WAL takes an exclusive lock that the busy handler does not always wait for
+        while True:  # a journal-mode change takes an exclusive lock the busy handler does not always wait for
             try:
                 with contextlib.closing(self._connect()) as db:
-                    if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
-                        raise RegistryError(f"{self.path}: SQLite cannot use WAL mode here; keep the registry on "
-                                            f"a local filesystem")
-                    db.execute("PRAGMA synchronous = FULL")
-                    version = db.execute("PRAGMA user_version").fetchone()[0]
-                    if version > SCHEMA_VERSION:
-                        raise RegistryError(f"{self.path} has schema version {version}; this jaxclf reads up to "
-                                            f"{SCHEMA_VERSION}; upgrade jaxclf")
-                    if version < SCHEMA_VERSION:  # one transaction; racing initialisers queue on the lock
+                    mode = db.execute(f"PRAGMA journal_mode = {JOURNAL_MODE}").fetchone()[0].lower()
+                    if mode != JOURNAL_MODE:
+                        raise RegistryError(f"{self.path}: SQLite cannot use journal mode {JOURNAL_MODE} here "
+                                            f"(got {mode}); keep the registry on a local filesystem")
+                    if self._check_schema(db) < SCHEMA_VERSION:  # one transaction; racing initialisers queue
                         db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\n"
                                          f"COMMIT;")
                 return
@@ -159,14 +205,21 @@ class Index:
 
     @contextlib.contextmanager
     def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
-        with contextlib.closing(self._connect()) as db:
-            db.execute(begin)
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        try:
+            with contextlib.closing(self._connect()) as db:
+                db.execute(begin)
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+        except sqlite3.OperationalError as e:  # locked past the timeout, a vanished file, a hot journal
+            hint = ""
+            if self.read_only and "readonly" in str(e):
+                hint = ("; a writer was interrupted mid-transaction and its journal needs rolling back: open the "
+                        "registry once with write access")
+            raise RegistryError(f"registry index {self.path}: {e}{hint}") from None
 
     def read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A read transaction: one consistent snapshot for everything read in the block."""

@@ -26,8 +26,26 @@ MAX_TAG_VALUE = 256
 MAX_DESCRIPTION = 4000
 
 
+def _is_control(c: str) -> bool:
+    return ord(c) < 32 or 127 <= ord(c) < 160 or c in _INVISIBLE
+
+
 def _has_control(text: str, allowed: str = "") -> bool:
-    return any((ord(c) < 32 or 127 <= ord(c) < 160 or c in _INVISIBLE) and c not in allowed for c in text)
+    return any(_is_control(c) and c not in allowed for c in text)
+
+
+def printable(value: Any, keep: str = "") -> str:
+    """`value` as text that is safe on a terminal: control characters, line separators and bidi overrides
+    become escapes (\\x1b, \\n, \\u202e), except those in `keep`.
+
+    Metric keys, creators and other recorded strings can come from an imported archive, whose author
+    could otherwise move the cursor, retitle the terminal or forge output lines.
+    """
+    text = str(value)
+    if not _has_control(text, keep):
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if _is_control(c) and c not in keep else c
+                   for c in text)
 
 
 def check_name(name: Any) -> str:

@@ -93,11 +93,15 @@ def _age_s(path: Path) -> float:
 class Store:
     """models/ and tmp/ under a registry root, and the hashes of the copies this process found intact."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, create: bool = True):
         self.models_dir = root / "models"
         self.tmp_dir = root / "tmp"
-        for d in (self.models_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        for d in (self.models_dir, self.tmp_dir) if create else ():  # a read-only registry creates nothing
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RegistryError(f"cannot create {d}: {e.strerror}; open a registry you cannot write with "
+                                    f"read_only=True") from None
         self._verified: dict[Path, tuple] = {}  # version dir -> (hash, file stats) last seen intact
 
     def version_dir(self, name: str, version: int) -> Path:
