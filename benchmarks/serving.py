@@ -27,7 +27,6 @@ import argparse
 import collections
 import contextlib
 import http.client
-import importlib.util
 import itertools
 import json
 import signal
@@ -44,8 +43,10 @@ import numpy as np  # noqa: E402
 
 from common import (RESULTS, int_list as _ints, markdown_table, median, save_figure, subplots,  # noqa: E402
                     write_results)
-from server_process import (SERVE_SCRIPT, ServerProcess, create_random_model_dir, http_json,  # noqa: E402
-                            metric_sum, sample_texts)
+from server_process import (ServerProcess, create_random_model_dir, http_json, metric_sum,  # noqa: E402
+                            sample_texts)
+
+from jaxclf.serve.config import ServeConfig  # noqa: E402  (JAX-free: the server's defaults)
 
 MODES = ("batching on", "batching off")
 HEADERS = {"Content-Type": "application/json"}
@@ -283,18 +284,10 @@ def tables(args, predict: dict, batch: dict, startup: dict, memory: dict, tokens
             f"### Memory\n\n{memory_table}")
 
 
-def serve_script():
-    """scripts/serve.py as a module (it imports nothing heavy until main), for its argument defaults."""
-    spec = importlib.util.spec_from_file_location("serve_script", SERVE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def server_settings(args, startup: dict) -> str:
     """The measured servers' settings, as /model/info reports them (waitress threads from the command line)."""
     serving = startup["batching on, cached"]["serving"] or {}
-    threads = args.threads if args.threads is not None else serve_script().parse_args(["--model", "."]).threads
+    threads = args.threads if args.threads is not None else ServeConfig().threads
     return (f"{threads} waitress threads, max batch {serving.get('max_batch_size')}, max wait {serving.get('max_wait_ms'):g} ms, "
             f"queue {serving.get('max_queue_size')}, batch buckets {serving.get('batch_buckets')}, length buckets "
             f"{serving.get('length_buckets')}, result cache {serving.get('cache_size')}")

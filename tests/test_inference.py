@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import random
 import threading
 import time
@@ -12,12 +14,18 @@ import numpy as np
 import pytest
 
 import jaxclf
-from jaxclf.serve import engine as inference
 from hypothesis import given, settings, strategies as st
 
+from jaxclf.serve import compilation
+from jaxclf.serve import engine as inference
+from jaxclf.config import ConfigError
+from jaxclf.serve.cache import ResultCache
+from jaxclf.serve.config import EngineConfig
+from jaxclf.serve.engine import InferenceEngine
+from jaxclf.serve.errors import DeadlineExceeded, EngineClosedError, QueueFullError
+from jaxclf.serve.planning import CALL_OVERHEAD_SLOTS, plan_calls
+from jaxclf.serve.results import BatchPredictionResult, Prediction, PredictionResult
 from jaxclf.tokenizer import bucket_for
-from jaxclf.serve.engine import (CALL_OVERHEAD_SLOTS, DeadlineExceeded, EngineClosedError, InferenceEngine,
-                              Prediction, QueueFullError, ResultCache, plan_calls)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +188,7 @@ def test_plan_calls_is_a_cheapest_partition_into_length_groups(lengths):
 def test_stray_compile_detector_sees_a_compile_during_a_request(engine):
     """The listener that guards the test above does fire when a request path compiles."""
     before = engine.stray_compilations
-    with inference._ServingRequest(engine):
+    with compilation.ServingRequest(engine):
         jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))  # a fresh function: must compile
     jax.jit(lambda x: x * 5 + 2)(np.arange(7.0))  # outside a request: not the engine's business
     assert engine.stray_compilations == before + 1
@@ -272,3 +280,79 @@ def test_bad_buckets_fail_fast_with_the_reason(tiny_model_dir):
         InferenceEngine(tiny_model_dir, max_batch_size=4, length_buckets=(8, 16))
     with pytest.raises(ValueError, match="strictly increasing"):
         InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(4, 1, 4))
+
+
+# --- the original framework's API (README "Inference Service") --------------------------------------
+
+def test_seed_constructor_takes_a_file_inside_the_model_directory_and_a_device(tiny_model_dir, reference):
+    """The seed passes "./final-model/model.pt": any path inside a model directory means that directory."""
+    with InferenceEngine(model_path=str(tiny_model_dir / "model.pt"), device="cpu", max_batch_size=4,
+                         cache_size=1000) as eng:
+        assert eng.model_path == tiny_model_dir
+        assert eng.device.platform == "cpu"
+        assert {device for w in eng._weights for device in w.devices()} == {eng.device}  # the model is there
+        result = eng.predict_single("Best tacos in town")
+        assert isinstance(result, PredictionResult) and PredictionResult is Prediction
+        assert result.processing_time_ms > 0 and not result.cached
+        assert eng.predict_single("Best tacos in town").cached
+    with InferenceEngine(tiny_model_dir / "config.json", max_batch_size=4) as eng:  # an existing file too
+        assert eng.model_path == tiny_model_dir
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "device 'tpu' is not available to JAX on this machine"),
+    ("banana", "device must be one of auto, cpu, gpu, cuda, tpu, got 'banana'"),
+])
+def test_a_device_jax_does_not_have_is_refused_by_name(tiny_model_dir, device, message):
+    if device == "tpu" and any(d.platform == "tpu" for d in jax.devices()):
+        pytest.skip("this machine has a TPU")
+    with pytest.raises(ConfigError, match=message):
+        InferenceEngine(model_path=tiny_model_dir, device=device, max_batch_size=4)
+
+
+def test_predict_batch_takes_more_texts_than_the_queue_holds(mixed_texts, tiny_model_dir, reference):
+    with InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(1, 4), max_queue_size=5,
+                         cache_size=0) as eng:
+        batch = eng.predict_batch(mixed_texts)  # 46 texts through a queue of 5
+        assert isinstance(batch, BatchPredictionResult) and len(batch.results) == len(mixed_texts)
+        assert_matches(batch.results, mixed_texts, reference)
+        assert batch.model_version == eng.version
+        assert batch.processing_time_ms + 1 >= max(r.processing_time_ms for r in batch.results) > 0
+        assert eng.stats().rejected_queue_full == 0
+
+
+def test_module_level_predict_functions(engine, mixed_texts, reference):
+    single = inference.predict_single(mixed_texts[0], engine)
+    batch = inference.predict_batch(mixed_texts[:5], engine)
+    assert_matches([single], mixed_texts[:1], reference)
+    assert_matches(batch.results, mixed_texts[:5], reference)
+    assert jaxclf.predict_single is inference.predict_single and jaxclf.predict_batch is inference.predict_batch
+    assert jaxclf.PredictionResult is PredictionResult and jaxclf.BatchPredictionResult is BatchPredictionResult
+
+
+def test_health_check_reports_status_buckets_queue_and_stray_compilations(tiny_model_dir):
+    eng = InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(1, 4), cache_size=10)
+    eng.predict_batch(["tacos", "trains"])
+    eng.predict_single("tacos")  # from the cache
+    health = eng.health_check()
+    json.dumps(health)  # JSON-ready, for a probe endpoint
+    assert health["status"] == "ok" and health["problems"] == []
+    assert health["model_version"] == eng.version and health["platform"] == "cpu"
+    assert sorted(map(tuple, health["compiled_buckets"])) == [(1, 16), (1, 32), (4, 16), (4, 32)]
+    assert health["queue_depth"] == 0 and health["stray_compilations"] == 0 and health["aot_compilations"] == 4
+    assert health["requests"] == 3 and health["cache_hits"] == 1 and health["batch_workers_alive"] == 2
+    with compilation.ServingRequest(eng):  # a request that compiles breaks the serving promise
+        jax.jit(lambda x: x * 7 - 1)(np.arange(3.0))
+    health = eng.health_check()
+    assert health["status"] == "degraded" and health["problems"] == ["1 compilation(s) triggered by requests"]
+    eng.close()
+    assert eng.health_check()["status"] == "closed"
+
+
+def test_engine_config_with_keyword_overrides(tiny_model_dir):
+    config = EngineConfig(max_batch_size=4, batch_buckets=(1, 4), cache_size=7)
+    with InferenceEngine(tiny_model_dir, config, cache_size=3, max_wait_ms=2) as eng:
+        assert eng.engine_config == dataclasses.replace(config, cache_size=3, max_wait_ms=2)
+        assert eng.cache.capacity == 3 and eng.max_wait_s == 0.002 and eng.max_batch_size == 4
+    with pytest.raises(ConfigError, match="unknown EngineConfig setting.* max_batchsize; accepted: device, "):
+        InferenceEngine(tiny_model_dir, max_batchsize=4)

@@ -167,6 +167,33 @@ def test_cors_is_off_by_default_and_configurable(engine, client):
     assert "Access-Control-Allow-Origin" not in app.get("/", headers={"Origin": "http://localhost:1"}).headers
 
 
+def test_cors_preflight_allows_the_sticky_routing_header(engine):
+    """A browser on another origin must be allowed to send X-Request-Key (A/B routing by key)."""
+    app = create_app(engine, cors_origins=["http://localhost:5173"]).test_client()
+    preflight = app.options("/predict", headers={"Origin": "http://localhost:5173",
+                                                 "Access-Control-Request-Method": "POST",
+                                                 "Access-Control-Request-Headers": "content-type, x-request-key"})
+    allowed = {h.strip().lower() for h in preflight.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"content-type", "x-request-id", "x-request-key"} <= allowed
+
+
+def test_routes_index_and_openapi_come_from_one_table(engine):
+    from jaxclf.serve.routes import ENDPOINTS
+
+    declared = {(e.method, e.path) for e in ENDPOINTS}
+    for admin_token in (None, "a-long-enough-admin-token"):
+        app = create_app(engine, admin_token=admin_token)
+        routed = {(m, rule.rule) for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+                  for m in rule.methods - {"HEAD", "OPTIONS"}}
+        assert routed == declared
+        client = app.test_client()
+        documented = {(m.upper(), path) for path, ops in client.get("/openapi.json").get_json()["paths"].items()
+                      for m in ops}
+        assert documented == declared
+        listed = client.get("/").get_json()["endpoints"]
+        assert listed == [f"{e.method} {e.path}" for e in ENDPOINTS if not e.admin or admin_token]
+
+
 def test_not_ready_and_failed_load_answer_503(tiny_model_dir, tmp_path):
     waiting = create_app(tiny_model_dir, load_now=False).test_client()
     assert waiting.get("/health").status_code == 200
@@ -232,6 +259,41 @@ def test_fuzzed_bodies_never_get_a_500(client, path, body, content_type):
     assert response.mimetype == "application/json"
     body = response.get_json()
     assert ("error" in body) == (response.status_code != 200)
+
+
+# --- the command line: python -m jaxclf.serve ----------------------------------------------------------
+
+def run_serve(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "jaxclf.serve", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.mark.parametrize("args, names", [
+    ((), "give the model to serve: --model"),
+    (("--model", "/no/such/model"), "/no/such/model"),
+    (("--model", "m@production"), "add --registry ROOT"),
+    (("--registry", "/no/such/registry", "--ab", "m@a=0.9,m@b"), "cannot read 'm@b' in the traffic split"),
+    (("--model", "{model}", "--batch-buckets", "1,x"), "expected comma-separated int values"),
+    (("--model", "{model}", "--batch-buckets", "1,4", "--max-batch-size", "8"),
+     "the largest of batch_buckets must equal max_batch_size=8"),
+    (("--model", "{model}", "--length-buckets", "16,64"), "must equal max_position_embeddings=32"),
+    (("--model", "{model}", "--max-texts", "0"), "max_texts must be an integer > 0, got 0"),
+    (("--model", "{model}", "--device", "abacus"), "invalid choice: 'abacus'"),
+])
+def test_command_line_user_errors_are_one_line_and_exit_2(tiny_model_dir, args, names):
+    out = run_serve(*(a.format(model=tiny_model_dir) for a in args))
+    assert out.returncode == 2, out.stderr
+    assert names in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("jaxclf serve: error: ")
+    assert out.stdout == ""
+
+
+def test_scripts_serve_is_the_same_command():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "serve.py"), "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--max-batch-size" in out.stdout and "--cors-origins" in out.stdout
+    assert (REPO / "scripts" / "serve.py").read_text().count("\n") < 10  # a shim: the logic is in the package
 
 
 # --- the real server: scripts/serve.py under waitress ----------------------------------------------
@@ -436,6 +498,12 @@ def test_full_queue_503s_at_once_and_sigterm_finishes_requests_in_flight(tiny_mo
     finally:
         if srv.proc.poll() is None:
             srv.proc.kill()
+
+
+def test_sigterm_while_the_model_loads_exits_cleanly(tiny_model_dir, tmp_path):
+    """A SIGTERM during start-up compilation used to abort the process (SIGABRT from a thread inside XLA)."""
+    srv = Server(tiny_model_dir, tmp_path / "serve.log", "--max-batch-size", "4", "--no-compilation-cache")
+    assert srv.stop() == 0, srv.log.read_text(errors="replace")
 
 
 @pytest.mark.slow

@@ -13,8 +13,15 @@ import importlib
 
 _LAZY = {
     "InferenceEngine": "jaxclf.serve.engine",
+    "PredictionResult": "jaxclf.serve.results",
+    "BatchPredictionResult": "jaxclf.serve.results",
+    "predict_single": "jaxclf.serve.engine",
+    "predict_batch": "jaxclf.serve.engine",
+    "EngineConfig": "jaxclf.serve.config",
+    "ServeConfig": "jaxclf.serve.config",
     "create_app": "jaxclf.serve.app",
-    "serve": "jaxclf.serve.app",
+    "serve": "jaxclf.serve.server",
+    "main": "jaxclf.serve.__main__",
 }
 
 __all__ = list(_LAZY)

@@ -1,5 +1,6 @@
-"""The HTTP API's request and response schemas: one set of dicts validates requests and
-generates the OpenAPI document, so the two cannot drift apart.
+"""The HTTP API's request and response schemas and its endpoint table: one set of dicts validates
+requests and generates the OpenAPI document, and one table of Endpoints (jaxclf.serve.routes)
+feeds the Flask routes, the index and that document, so none of them can drift apart.
 
 The dicts are plain JSON Schema. `validate` implements the subset used here (type, properties,
 required, additionalProperties, items, min/maxItems, min/maxLength); a schema may name the
@@ -9,7 +10,7 @@ server limit behind a maximum with "x-limit" so an error can say which knob to t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Sequence
 
 _JSON_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 
@@ -142,63 +143,72 @@ def validate(value: Any, schema: dict[str, Any], field: str = "(body)") -> Viola
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """One route of the HTTP API, declared once: Flask registers it, / lists it, /openapi.json describes it."""
+
+    method: str  # "GET" or "POST"
+    path: str
+    summary: str  # one line, for the OpenAPI document
+    handler: Callable[..., Any]  # handler(service) or, with `request`, handler(service, validated JSON body)
+    request: str | None = None  # the component schema the JSON body must match (see `components`)
+    response: dict[str, Any] | None = None  # schema of the 200 answer
+    response_description: str = "OK"
+    content_type: str = "application/json"  # of the 200 answer
+    errors: tuple[int, ...] = ()  # error statuses it may answer, documented with the reasons below
+    admin: bool = False  # listed in the index only when an admin token is configured
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+def components(max_texts: int, max_chars: int) -> dict[str, dict[str, Any]]:
+    """The named schemas, the request ones with the server's limits in them."""
+    return {"PredictRequest": predict_request(max_chars), "BatchRequest": batch_request(max_texts, max_chars),
+            "Prediction": PREDICTION, "PredictResponse": PREDICT_RESPONSE, "BatchResponse": BATCH_RESPONSE,
+            "Error": ERROR_RESPONSE}
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    reasons = {400: "malformed JSON, wrong type or unknown field (the message names the field)",
-               413: "body, text count or text length over a limit (the message names it)",
-               415: "Content-Type is not application/json", 422: "empty text or empty list",
-               429: "rate limit exceeded; see Retry-After",
-               401: "no 'Authorization: Bearer <token>' header", 403: "wrong admin token",
-               404: "admin endpoints are off (no admin token configured)",
-               409: "reload refused: the source cannot be resolved, or a reload is already running",
-               503: "not ready, queue full or shutting down; see Retry-After"}
-    return {str(s): {"description": reasons[s], **_json_body({"$ref": "#/components/schemas/Error"})}
-            for s in statuses}
+ERROR_REASONS = {
+    400: "malformed JSON, wrong type or unknown field (the message names the field)",
+    401: "no 'Authorization: Bearer <token>' header", 403: "wrong admin token",
+    404: "admin endpoints are off (no admin token configured)",
+    409: "reload refused: the source cannot be resolved, or a reload is already running",
+    413: "body, text count or text length over a limit (the message names it)",
+    415: "Content-Type is not application/json", 422: "empty text or empty list",
+    429: "rate limit exceeded; see Retry-After",
+    503: "not ready, queue full or shutting down; see Retry-After"}
 
 
-def openapi_document(max_texts: int, max_chars: int, version: str) -> dict[str, Any]:
-    """OpenAPI 3.1 description of the service, built from the same dicts that validate requests."""
-    def info(summary: str, schema: dict[str, Any] | None = None, content_type: str = "application/json"):
-        ok = {"description": "OK"}
-        if schema is not None:
-            ok["content"] = {content_type: {"schema": schema}}
-        return {"get": {"summary": summary, "responses": {"200": ok}}}
+def _operation(endpoint: Endpoint) -> dict[str, Any]:
+    ok: dict[str, Any] = {"description": endpoint.response_description}
+    if endpoint.response is not None:
+        ok["content"] = {endpoint.content_type: {"schema": endpoint.response}}
+    operation: dict[str, Any] = {"summary": endpoint.summary, "responses": {"200": ok, **{
+        str(s): {"description": ERROR_REASONS[s], **_json_body(ref("Error"))} for s in endpoint.errors}}}
+    if endpoint.request is not None:
+        operation["requestBody"] = {"required": True, **_json_body(ref(endpoint.request))}
+    return operation
 
-    post_errors = _errors(400, 413, 415, 422, 429, 503)
+
+def openapi_document(endpoints: Sequence[Endpoint], max_texts: int, max_chars: int, version: str) -> dict[str, Any]:
+    """OpenAPI 3.1 description of `endpoints`, built from the same dicts that validate requests."""
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints:
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint)
     return {
         "openapi": "3.1.0",
         "info": {"title": "jaxclf text classifier", "version": version,
                  "description": "Classify texts with a jaxclf model. Every response carries X-Request-ID."},
-        "paths": {
-            "/": info("Service information", {"type": "object"}),
-            "/health": info("Liveness: the process answers", {"type": "object"}),
-            "/ready": {"get": {"summary": "Readiness: 200 once every bucket is compiled",
-                               "responses": {"200": {"description": "ready"}, **_errors(503)}}},
-            "/model/info": info("Model config, labels, version and metrics", {"type": "object"}),
-            "/predict": {"post": {
-                "summary": "Classify one text", "requestBody": {"required": True, **_json_body(
-                    {"$ref": "#/components/schemas/PredictRequest"})},
-                "responses": {"200": {"description": "the prediction", **_json_body(
-                    {"$ref": "#/components/schemas/PredictResponse"})}, **post_errors}}},
-            "/predict/batch": {"post": {
-                "summary": "Classify many texts", "requestBody": {"required": True, **_json_body(
-                    {"$ref": "#/components/schemas/BatchRequest"})},
-                "responses": {"200": {"description": "predictions in request order", **_json_body(
-                    {"$ref": "#/components/schemas/BatchResponse"})}, **post_errors}}},
-            "/metrics": info("Prometheus metrics", {"type": "string"}, "text/plain"),
-            "/openapi.json": info("This document", {"type": "object"}),
-            "/ui": info("A page to try the model in a browser", {"type": "string"}, "text/html"),
-            "/admin/reload": {"post": {
-                "summary": "Serve what the model source names now (e.g. after an alias moved); needs "
-                           "'Authorization: Bearer <admin token>' and is off without --admin-token",
-                "responses": {"200": {"description": "reloaded, or already serving it", **_json_body(
-                    {"type": "object"})}, **_errors(401, 403, 404, 409)}}},
-        },
-        "components": {"schemas": {
-            "PredictRequest": predict_request(max_chars), "BatchRequest": batch_request(max_texts, max_chars),
-            "Prediction": PREDICTION, "PredictResponse": PREDICT_RESPONSE, "BatchResponse": BATCH_RESPONSE,
-            "Error": ERROR_RESPONSE}},
+        "paths": paths,
+        "components": {"schemas": components(max_texts, max_chars)},
     }

@@ -25,11 +25,11 @@ import math
 import threading
 from typing import Any, Mapping, Sequence
 
+from jaxclf.config import ConfigError
+from jaxclf.serve.config import ServeConfig  # the window, threshold and minimum sample defaults
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_WINDOW = 1000  # live predictions compared with the reference
-DEFAULT_THRESHOLD = 0.2  # PSI past which a warning is logged
-DEFAULT_MIN_SAMPLES = 100  # no PSI (and no warning) before this many predictions: small samples are noisy
 EPS = 1e-4  # proportion given to an empty bin, so ln() stays finite
 REARM_FRACTION = 0.8  # after a warning, PSI must fall below this fraction of the threshold to warn again
 KINDS = ("confidence", "label")
@@ -62,12 +62,12 @@ class DriftMonitor:
     """
 
     def __init__(self, version: str, labels: Sequence[str], reference_confidence: Sequence[float],
-                 reference_labels: Sequence[float], window: int = DEFAULT_WINDOW,
-                 threshold: float = DEFAULT_THRESHOLD, min_samples: int = DEFAULT_MIN_SAMPLES):
+                 reference_labels: Sequence[float], window: int = ServeConfig.drift_window,
+                 threshold: float = ServeConfig.drift_threshold, min_samples: int = ServeConfig.drift_min_samples):
         if window < 1:
-            raise ValueError(f"drift window must be >= 1 prediction, got {window}")
+            raise ConfigError(f"drift window must be >= 1 prediction, got {window}")
         if not threshold > 0:
-            raise ValueError(f"drift threshold must be > 0, got {threshold}")
+            raise ConfigError(f"drift threshold must be > 0, got {threshold}")
         if len(reference_labels) != len(labels):
             raise ValueError(f"reference has {len(reference_labels)} label counts for {len(labels)} labels")
         for name, hist in (("confidence", reference_confidence), ("label", reference_labels)):

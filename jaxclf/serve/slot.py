@@ -22,10 +22,13 @@ import os
 import random
 import threading
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
-from jaxclf.serve.engine import InferenceEngine
+from jaxclf.config import ConfigError
 from jaxclf.serve.monitoring import DriftMonitor
+
+if TYPE_CHECKING:  # the engine loads JAX; the command line parses --ab before that
+    from jaxclf.serve.engine import InferenceEngine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +69,10 @@ class RegistrySource:
     def __init__(self, root: str | os.PathLike, refs: Sequence[tuple[str, float]]):
         from jaxclf.registry import Ref, Registry
         if not refs:
-            raise ValueError("a registry source needs at least one model reference")
+            raise ConfigError("a registry source needs at least one model reference")
         for ref, _ in refs:
             Ref.parse(ref)  # fail on a malformed reference now, not at the first reload
-        self.registry = Registry(root, create=False)
+        self.registry = Registry(root, create=False, read_only=True)  # a server never writes the registry
         self.refs = normalise_weights(refs)
 
     def resolve(self) -> list[Target]:
@@ -86,7 +89,7 @@ class RegistrySource:
 def normalise_weights(refs: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
     weights = [w for _, w in refs]
     if any(not (isinstance(w, (int, float)) and w > 0 and w == w and w != float("inf")) for w in weights):
-        raise ValueError(f"traffic weights must be positive numbers, got {weights}")
+        raise ConfigError(f"traffic weights must be positive numbers, got {weights}")
     total = float(sum(weights))
     return [(ref, w / total) for ref, w in refs]
 
@@ -101,11 +104,11 @@ def parse_split(spec: str) -> list[tuple[str, float]]:
         except ValueError:
             value = None
         if not sep or not ref or value is None:
-            raise ValueError(f"cannot read {part.strip()!r} in the traffic split {spec!r}: write NAME@ALIAS=WEIGHT,"
+            raise ConfigError(f"cannot read {part.strip()!r} in the traffic split {spec!r}: write NAME@ALIAS=WEIGHT,"
                              f"NAME@ALIAS=WEIGHT, e.g. sentiment@production=0.9,sentiment@staging=0.1")
         out.append((ref, value))
     if len({ref for ref, _ in out}) != len(out):
-        raise ValueError(f"the traffic split {spec!r} names a reference twice")
+        raise ConfigError(f"the traffic split {spec!r} names a reference twice")
     return normalise_weights(out)
 
 

@@ -1,0 +1,127 @@
+"""Every serving knob, with its default and a one-line comment, once: EngineConfig and ServeConfig.
+
+    InferenceEngine(path, EngineConfig(max_batch_size=16))       # or InferenceEngine(path, max_batch_size=16)
+    create_app(path, engine=EngineConfig(cache_size=0), serve=ServeConfig(max_texts=8))
+    python -m jaxclf.serve --model DIR --max-batch-size 16 --max-texts 8     # flags made from these fields
+
+EngineConfig is how one InferenceEngine runs a model (device, compiled buckets, batching, queue,
+cache, deadlines); ServeConfig is the HTTP server around it (address, threads, limits, CORS, rate
+limit, drift monitoring, shutdown, admin token). Both are frozen and checked on construction: a
+bad value is a ConfigError naming the field, the value and what is accepted.
+
+JAX-free, so the command line can build and check them before JAX loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+from jaxclf.config import ConfigError
+from jaxclf.serve.planning import check_buckets
+
+DEVICES = ("auto", "cpu", "gpu", "cuda", "tpu")  # "cuda" is JAX's name for NVIDIA GPUs
+ADMIN_TOKEN_ENV = "JAXCLF_ADMIN_TOKEN"  # where `python -m jaxclf.serve` reads the admin token when no flag gives it
+
+Config = TypeVar("Config")
+
+
+def default_compilation_cache_dir() -> str:
+    """$XDG_CACHE_HOME/jaxclf/xla, else ~/.cache/jaxclf/xla."""
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxclf" / "xla")
+
+
+def _positive(config: Any, *names: str, allow_zero: bool = False, integer: bool = True) -> None:
+    for name in names:
+        value = getattr(config, name)
+        kinds = int if integer else (int, float)
+        if (not isinstance(value, kinds) or isinstance(value, bool) or value != value
+                or value < 0 or (value == 0 and not allow_zero)):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{name} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
+
+
+def override(config: Config, **changes: Any) -> Config:
+    """A copy of dataclass `config` with `changes`; an unknown name is a ConfigError listing the accepted ones."""
+    names = [f.name for f in dataclasses.fields(config) if f.init]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {type(config).__name__} setting(s) {', '.join(unknown)}; "
+                          f"accepted: {', '.join(names)}")
+    return dataclasses.replace(config, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How an InferenceEngine runs one model: device, compiled shapes, batcher, result cache, deadlines."""
+
+    device: str = dataclasses.field(default="auto", metadata={
+        "help": "where the model runs: cpu, gpu (or cuda), tpu, or auto (JAX's default backend)", "choices": DEVICES})
+    max_batch_size: int = 32  # most texts in one compiled call; the largest batch bucket must equal it
+    batch_buckets: tuple[int, ...] | None = None  # batch sizes to compile; none: powers of two to max_batch_size
+    length_buckets: tuple[int, ...] | None = None  # sequence lengths to compile; none: the model's own up to its max
+    max_wait_ms: float = 0.0  # longest wait for a batch to fill; 0 runs what queued during the previous call
+    max_queue_size: int = 256  # texts waiting before a submission is refused (HTTP 503 queue_full)
+    cache_size: int = 1000  # entries of the (model version, text) LRU result cache; 0 turns it off
+    request_timeout_s: float = 10.0  # a text not started by then is dropped unrun (HTTP 503)
+    batching: bool = True  # false runs every call alone in the caller's thread (for comparisons)
+    batch_workers: int = 2  # batcher threads: one gathers the next batch while another runs
+    compilation_cache_dir: str | None = dataclasses.field(default_factory=default_compilation_cache_dir, metadata={
+        "help": "persistent XLA cache (a process-wide JAX setting): restarts load instead of compiling",
+        "off_flag": "--no-compilation-cache"})
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        _positive(self, "max_batch_size", "max_queue_size", "batch_workers")
+        _positive(self, "cache_size", allow_zero=True)
+        _positive(self, "max_wait_ms", allow_zero=True, integer=False)
+        _positive(self, "request_timeout_s", integer=False)
+        if self.batch_buckets is not None:
+            object.__setattr__(self, "batch_buckets", check_buckets(
+                "batch_buckets", self.batch_buckets, self.max_batch_size, "max_batch_size"))
+        if self.length_buckets is not None:  # the largest is checked against the model when it loads
+            object.__setattr__(self, "length_buckets", check_buckets("length_buckets", self.length_buckets))
+        if self.compilation_cache_dir is not None:
+            object.__setattr__(self, "compilation_cache_dir", str(self.compilation_cache_dir))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """The HTTP service around the engines: where it listens, what it accepts, how it stops."""
+
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0 for every interface)
+    port: int = 8000  # port to listen on; 0 picks a free one
+    threads: int = 16  # waitress worker threads: requests handled at once
+    max_body_bytes: int = 1 << 20  # largest request body, in bytes
+    max_texts: int = 64  # most texts in one /predict/batch request
+    max_chars: int = 10_000  # most characters per text (the tokenizer cuts at the model's limit anyway)
+    rate_limit: float | None = None  # requests/s per client IP; none: no limit
+    rate_burst: int | None = None  # burst size of the rate limit; none: one second's worth
+    cors_origins: tuple[str, ...] = ()  # origins a browser may call from ('*': any); none by default
+    drift_window: int = 1000  # live predictions compared with the eval distributions in metrics.json
+    drift_threshold: float = 0.2  # population stability index past which a drift warning is logged
+    drift_min_samples: int = 100  # predictions before a PSI is reported (small samples are noisy)
+    shutdown_timeout_s: float = 30.0  # longest wait for requests in flight after SIGTERM
+    admin_token: str | None = dataclasses.field(default=None, repr=False, metadata={
+        "help": "turns on POST /admin/reload for 'Authorization: Bearer <token>' (prefer $JAXCLF_ADMIN_TOKEN: "
+                "arguments show in ps)"})
+
+    def __post_init__(self) -> None:
+        _positive(self, "threads", "max_body_bytes", "max_texts", "max_chars", "drift_window", "drift_min_samples")
+        _positive(self, "port", allow_zero=True)
+        if self.port > 65535:
+            raise ConfigError(f"port must be at most 65535, got {self.port}")
+        _positive(self, "drift_threshold", integer=False)
+        _positive(self, "shutdown_timeout_s", allow_zero=True, integer=False)
+        if self.rate_limit is not None:
+            _positive(self, "rate_limit", integer=False)
+        if self.rate_burst is not None:
+            _positive(self, "rate_burst")
+        if isinstance(self.cors_origins, str):
+            raise ConfigError(f"cors_origins must be a list of origins, got the string {self.cors_origins!r}")
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ConfigError("admin_token must not be empty; leave it unset to turn /admin endpoints off")
