@@ -52,7 +52,9 @@ def jax_step_runner(config, batch_np, dtype: str, micro_batches: int = 1):
     import jax.numpy as jnp
 
     from jaxclf.train import sharding
-    from jaxclf.train.loop import TrainingConfig, build_train_state, make_train_step
+    from jaxclf.config import TrainingConfig
+    from jaxclf.train.loop import build_train_state
+    from jaxclf.train.step import make_train_step
 
     cfg = TrainingConfig(mixed_precision={"float32": "no", "bfloat16": "bf16"}[dtype], warmup_steps=10,
                          per_device_train_batch_size=len(batch_np["labels"]), micro_batches=micro_batches)

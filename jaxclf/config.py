@@ -152,6 +152,9 @@ class ModelConfig:
 
 
 MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# fp16=True / bf16=True (the original framework's and Hugging Face's flags) are another way to set
+# mixed_precision; the three are one setting, kept consistent by TrainingConfig.
+_PRECISION_FIELDS = frozenset({"mixed_precision", "fp16", "bf16"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +168,10 @@ class TrainingConfig:
     labels: tuple[str, ...] = ()  # label names in id order; empty: sorted labels of the training data
     init_from: str | None = None  # model directory to fine-tune (its tokenizer and labels are kept)
     skip_bad_rows: bool = False  # skip (count and report) malformed data rows instead of failing
-    tokenizer_vocab_size: int = 8000  # WordPiece vocabulary trained on the training texts (from scratch)
+    # From scratch, a BPE tokenizer is trained on the training texts. None: up to ModelConfig.vocab_size
+    # tokens, and the embedding table keeps exactly vocab_size rows. N: up to N tokens, and the model's
+    # vocab_size becomes the number of tokens actually learned (a small corpus may give fewer than N).
+    tokenizer_vocab_size: int | None = None
     length_buckets: tuple[int, ...] = ()  # padded lengths; empty: powers of two up to max_position_embeddings
     num_train_epochs: float = 10.0  # ignored when max_steps > 0
     max_steps: int = -1  # total optimiser steps; -1: from num_train_epochs
@@ -188,6 +194,7 @@ class TrainingConfig:
     save_best_total: int = 1  # best checkpoints kept by metric_for_best_model
     metric_for_best_model: str = "macro_f1"  # "accuracy", "macro_f1" or "loss"
     early_stopping_patience: int = 0  # stop after N evaluations without improvement; 0 = never
+    early_stopping_threshold: float = 0.0  # an improvement must exceed this much to reset the patience
     gradient_checkpointing: bool = False  # rematerialise each layer in the backward pass
     # Split each step's batch into this many micro-batches, run one after another inside the jitted
     # step (lax.scan) with their gradients summed: the same update as the whole batch (up to float
@@ -195,6 +202,8 @@ class TrainingConfig:
     # (4 x 8 rows of 128 tokens: a 1.4x faster step on 2 cores). 1 on TPU/GPU.
     micro_batches: int = 1
     mixed_precision: str = "no"  # "no" (fp32), "bf16", or "fp16" with dynamic loss scaling
+    fp16: bool = False  # True: mixed_precision="fp16" (and reads True whenever mixed_precision is "fp16")
+    bf16: bool = False  # True: mixed_precision="bf16" (and reads True whenever mixed_precision is "bf16")
     loss_scale_init: float = 2.0 ** 15  # fp16 only
     loss_scale_period: int = 2000  # fp16: double the scale after this many finite steps
     seed: int = 42  # init, shuffling, dropout and the eval split all derive from it
@@ -205,34 +214,70 @@ class TrainingConfig:
     progress_bar: bool = True  # shown only when stderr is a terminal
 
     def __post_init__(self):
-        checks = [
-            (self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"one of {', '.join(MIXED_PRECISION)}"),
-            (self.lr_schedule in ("linear", "cosine", "constant"), "lr_schedule", "linear, cosine or constant"),
-            (self.metric_for_best_model in ("accuracy", "macro_f1", "loss"), "metric_for_best_model",
-             "accuracy, macro_f1 or loss"),
-            (0.0 <= self.eval_split < 1.0, "eval_split", "in [0, 1)"),
-            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", ">= 1"),
-            (self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", ">= 1"),
-            (self.learning_rate > 0, "learning_rate", "> 0"),
-            (self.max_steps > 0 or self.num_train_epochs > 0, "num_train_epochs", "> 0 when max_steps <= 0"),
-            (self.logging_steps >= 1 and self.eval_steps >= 1 and self.save_steps >= 1,
-             "logging_steps/eval_steps/save_steps", ">= 1"),
-            (self.warmup_steps >= 0, "warmup_steps", ">= 0"),
-            (self.max_grad_norm >= 0, "max_grad_norm", ">= 0"),
-            (0.0 < self.layerwise_lr_decay <= 1.0, "layerwise_lr_decay", "in (0, 1]"),
-            (isinstance(self.micro_batches, int) and self.micro_batches >= 1
-             and self.per_device_train_batch_size % self.micro_batches == 0, "micro_batches",
-             f"a divisor of per_device_train_batch_size={self.per_device_train_batch_size}"),
-        ]
-        for ok, name, accepted in checks:
-            if not ok:
-                raise ConfigError(f"{name} must be {accepted}, got {getattr(self, name.split('/')[0])!r}")
+        for name, ok, accepted in self._checks():
+            try:
+                passed = bool(ok())
+            except TypeError:  # e.g. a string where a number belongs
+                passed = False
+            if not passed:
+                raise ConfigError(f"{name} must be {accepted}, got {getattr(self, name)!r}")
+        self._resolve_precision_flags()
         object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "length_buckets", tuple(self.length_buckets))
+
+    def _checks(self) -> list[tuple[str, Any, str]]:
+        """(field, predicate, what is accepted): each check names the one field it tests."""
+        positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        return [
+            ("mixed_precision", lambda: self.mixed_precision in MIXED_PRECISION, f"one of {', '.join(MIXED_PRECISION)}"),
+            ("lr_schedule", lambda: self.lr_schedule in ("linear", "cosine", "constant"), "linear, cosine or constant"),
+            ("metric_for_best_model", lambda: self.metric_for_best_model in ("accuracy", "macro_f1", "loss"),
+             "accuracy, macro_f1 or loss"),
+            ("eval_split", lambda: 0.0 <= self.eval_split < 1.0, "in [0, 1)"),
+            ("tokenizer_vocab_size", lambda: self.tokenizer_vocab_size is None
+             or positive_int(self.tokenizer_vocab_size), "null (use ModelConfig.vocab_size) or an integer >= 1"),
+            ("per_device_train_batch_size", lambda: positive_int(self.per_device_train_batch_size), "an integer >= 1"),
+            ("per_device_eval_batch_size", lambda: positive_int(self.per_device_eval_batch_size), "an integer >= 1"),
+            ("learning_rate", lambda: self.learning_rate > 0, "> 0"),
+            ("num_train_epochs", lambda: self.max_steps > 0 or self.num_train_epochs > 0, "> 0 when max_steps <= 0"),
+            ("logging_steps", lambda: positive_int(self.logging_steps), "an integer >= 1"),
+            ("eval_steps", lambda: positive_int(self.eval_steps), "an integer >= 1"),
+            ("save_steps", lambda: positive_int(self.save_steps), "an integer >= 1"),
+            ("warmup_steps", lambda: self.warmup_steps >= 0, ">= 0"),
+            ("max_grad_norm", lambda: self.max_grad_norm >= 0, ">= 0"),
+            ("layerwise_lr_decay", lambda: 0.0 < self.layerwise_lr_decay <= 1.0, "in (0, 1]"),
+            ("early_stopping_patience", lambda: self.early_stopping_patience >= 0, ">= 0"),
+            ("early_stopping_threshold", lambda: self.early_stopping_threshold >= 0, ">= 0"),
+            ("micro_batches", lambda: positive_int(self.micro_batches)
+             and self.per_device_train_batch_size % self.micro_batches == 0,
+             f"a divisor of per_device_train_batch_size={self.per_device_train_batch_size}"),
+            ("seed", lambda: isinstance(self.seed, int) and self.seed >= 0, "an integer >= 0"),
+            ("fp16", lambda: isinstance(self.fp16, bool), "true or false"),
+            ("bf16", lambda: isinstance(self.bf16, bool), "true or false"),
+        ]
+
+    def _resolve_precision_flags(self) -> None:
+        """fp16=True / bf16=True set mixed_precision; afterwards the three always agree."""
+        if self.fp16 and self.bf16:
+            raise ConfigError("fp16=True and bf16=True are both set; choose one (or set mixed_precision)")
+        flag = "fp16" if self.fp16 else "bf16" if self.bf16 else None
+        if flag is not None:
+            if self.mixed_precision not in ("no", flag):
+                raise ConfigError(f"{flag}=True conflicts with mixed_precision={self.mixed_precision!r}; "
+                                  f"set only one of them")
+            object.__setattr__(self, "mixed_precision", flag)
+        object.__setattr__(self, "fp16", self.mixed_precision == "fp16")
+        object.__setattr__(self, "bf16", self.mixed_precision == "bf16")
 
     @property
     def greater_is_better(self) -> bool:
         return self.metric_for_best_model != "loss"
+
+    def replace(self, **changes: Any) -> "TrainingConfig":
+        """A copy with `changes`; changing any of mixed_precision / fp16 / bf16 re-derives the other two."""
+        if _PRECISION_FIELDS & changes.keys():
+            changes = {"mixed_precision": "no", "fp16": False, "bf16": False, **changes}
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,4 +1,7 @@
-"""Evaluation metrics of a classifier: accuracy, macro-F1, per-class precision/recall/F1, confusion matrix."""
+"""Evaluation metrics of a classifier: accuracy, macro-F1/precision/recall, per-class scores, confusion matrix, loss.
+
+Plain numpy (no JAX): jaxclf.train.evaluate builds the full evaluation report on top of these.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,15 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
     return cm
+
+
+def mean_cross_entropy(logits: np.ndarray, y_true: Sequence[int]) -> float:
+    """Mean softmax cross-entropy of (N, C) logits against integer labels, computed in float64."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=-1))
+    y = np.asarray(y_true, np.int64)
+    return float((log_norm - z[np.arange(len(y)), y]).mean()) if len(y) else 0.0
 
 
 def classification_report(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str],
@@ -28,6 +40,8 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], labels: 
     out: dict[str, Any] = {
         "accuracy": float(tp.sum() / max(len(y_true), 1)),
         "macro_f1": float(f1.mean()) if len(labels) else 0.0,
+        "macro_precision": float(precision.mean()) if len(labels) else 0.0,
+        "macro_recall": float(recall.mean()) if len(labels) else 0.0,
         "num_examples": int(len(y_true)),
         "per_class": {label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for label, p, r, f, s in zip(labels, precision, recall, f1, actual)},

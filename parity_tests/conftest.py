@@ -15,7 +15,7 @@ twins.torch_fp32_exact()
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """A WordPiece tokenizer trained on data/sample_texts.csv (a few hundred tokens)."""
+    """A BPE tokenizer trained on data/sample_texts.csv (a few hundred tokens)."""
     from jaxclf.tokenizer import train_tokenizer
 
     return train_tokenizer(sample_texts(), vocab_size=400, min_frequency=1)

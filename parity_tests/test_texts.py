@@ -1,6 +1,6 @@
 """torch_ref.load(d).logits(texts) == jaxclf.load(d).logits(texts) to 1e-5, on arbitrary texts.
 
-The model directory holds a WordPiece tokenizer trained on data/sample_texts.csv and a model with
+The model directory holds a BPE tokenizer trained on data/sample_texts.csv and a model with
 max_position_embeddings=24, so long texts are truncated; jaxclf pads to a length bucket, torch_ref
 to the longest text of the batch, which padding invariance makes irrelevant.
 """

@@ -6,7 +6,6 @@ so every test here also exercises the one rename/transpose table.
 
 from __future__ import annotations
 
-import csv
 import functools
 from pathlib import Path
 
@@ -39,8 +38,8 @@ def torch_fp32_exact() -> None:
 
 def sample_texts() -> list[str]:
     """The `text` column of data/sample_texts.csv."""
-    with open(SAMPLE_TEXTS, newline="", encoding="utf-8") as f:
-        return [row["text"] for row in csv.DictReader(f)]
+    from jaxclf.train.data import read_examples
+    return read_examples(SAMPLE_TEXTS)[0]
 
 
 def highest():

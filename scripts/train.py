@@ -1,76 +1,9 @@
 #!/usr/bin/env python
-"""Train a jaxclf classifier: the same command on a laptop CPU and on a TPU VM.
+"""Train a jaxclf classifier (the same as `jaxclf train`); see jaxclf/cli/train.py or --help."""
 
-    python scripts/train.py                                   # small preset on data/sample_texts.csv
-    python scripts/train.py --config tiny train.max_steps=50  # dotted overrides
-    python scripts/train.py --train train.jsonl --eval eval.jsonl --output runs/mine
-    python scripts/train.py --coordinator 127.0.0.1:9876 --num-processes 2 --process-id 0   # one per host
-
-Re-running the same command with the same output directory resumes from the latest checkpoint.
-"""
-
-import argparse
-import dataclasses
-import json
-import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="small",
-                   help="preset name (small, tiny, base) or a JSON file {\"base\", \"model\", \"train\"} (default: small)")
-    p.add_argument("--train", help="training data: CSV (text,label), JSONL or ArrayRecord (default: the preset's)")
-    p.add_argument("--eval", help="evaluation data; without it a stratified eval_split of --train is held out")
-    p.add_argument("--output", help="output directory (checkpoints, logs, OUTPUT/model); default: the preset's")
-    p.add_argument("--init-from", help="model directory to fine-tune from (keeps its tokenizer and labels)")
-    p.add_argument("--labels", help="comma-separated label names in id order (default: sorted labels of the data)")
-    p.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-host training (jax.distributed)")
-    p.add_argument("--num-processes", type=int, help="number of processes in a multi-host run")
-    p.add_argument("--process-id", type=int, help="this process's index in a multi-host run")
-    p.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="dotted overrides, e.g. model.d_model=128 train.num_train_epochs=2")
-    return p.parse_intermixed_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "orbax", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-    from jaxclf.train import sharding
-    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-
-    from jaxclf.config import ConfigError
-    from jaxclf.train.data import DataError
-    from jaxclf.model_dir import ModelDirectoryError
-    from jaxclf.train.presets import apply_overrides, get_preset
-    from jaxclf.train.loop import train
-
-    try:
-        model_cfg, train_cfg = get_preset(args.config)
-        flags = {"train_file": args.train, "eval_file": args.eval, "output_dir": args.output,
-                 "init_from": args.init_from,
-                 "labels": tuple(args.labels.split(",")) if args.labels else None}
-        train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in flags.items() if v is not None})
-        model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, args.overrides)
-        result = train(model_cfg, train_cfg)
-    except (ConfigError, DataError, ModelDirectoryError, FileNotFoundError) as e:
-        logging.getLogger("jaxclf").error("%s", e)
-        return 2
-    if result.preempted:
-        return 0
-    summary = {"model_dir": str(result.model_dir), "steps": result.steps}
-    if result.eval_metrics:
-        summary.update({k: result.eval_metrics[k] for k in ("accuracy", "macro_f1", "loss")})
-    print(json.dumps(summary))
-    return 0
-
+from jaxclf.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

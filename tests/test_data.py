@@ -333,6 +333,7 @@ def test_iterator_state_round_trip():
 
 def test_orbax_saves_and_restores_the_iterator_with_the_state(tmp_path):
     import orbax.checkpoint as ocp
+    from jaxclf.train import checkpoint
     ds = synthetic()
     make = lambda: data.train_batches(ds, global_batch_size=8, seed=2, buckets=BUCKETS, pad_id=0)
     iterator = make()
@@ -340,13 +341,13 @@ def test_orbax_saves_and_restores_the_iterator_with_the_state(tmp_path):
     tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.array(4, dtype=np.int32)}
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                data=data.iterator_checkpoint_args(iterator)))
+                                                data=checkpoint.iterator_checkpoint_args(iterator)))
         expected = take(iterator, 5)  # moving on must not change what was saved
         manager.wait_until_finished()
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         fresh = make()
         restored = manager.restore(manager.latest_step(),
                                    args=ocp.args.Composite(state=ocp.args.StandardRestore(tree),
-                                                           data=data.iterator_restore_args(fresh)))
+                                                           data=checkpoint.iterator_restore_args(fresh)))
     np.testing.assert_array_equal(restored.state["w"], tree["w"])
     assert_same_batches(take(fresh, 5), expected)

@@ -22,11 +22,11 @@ import pytest
 import safetensors.numpy
 
 import jaxclf
-from jaxclf.config import ConfigError, ModelConfig
+from jaxclf.config import ConfigError, ModelConfig, TrainingConfig
 from jaxclf.train.data import DataError
 from jaxclf.metrics import classification_report
 from jaxclf.train.presets import apply_overrides, get_preset
-from jaxclf.train.loop import TrainingConfig, train
+from jaxclf.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -90,6 +90,59 @@ def test_training_config_rejects_bad_values_by_name():
         TrainingConfig(eval_split=1.5)
     with pytest.raises(ConfigError, match="d_model % nhead"):
         ModelConfig(d_model=10, nhead=3)
+
+
+@pytest.mark.parametrize("field", ["logging_steps", "eval_steps", "save_steps"])
+def test_each_step_interval_check_names_its_own_field_and_value(field):
+    with pytest.raises(ConfigError) as info:
+        TrainingConfig(**{field: 0})
+    assert str(info.value) == f"{field} must be an integer >= 1, got 0"
+
+
+def test_fp16_and_bf16_flags_are_mixed_precision():
+    assert TrainingConfig(fp16=True).mixed_precision == "fp16"
+    assert TrainingConfig(bf16=True).mixed_precision == "bf16"
+    assert TrainingConfig(mixed_precision="bf16").bf16 and not TrainingConfig(mixed_precision="bf16").fp16
+    assert TrainingConfig(fp16=True, mixed_precision="fp16").fp16  # agreeing settings are fine
+    with pytest.raises(ConfigError, match="fp16=True and bf16=True"):
+        TrainingConfig(fp16=True, bf16=True)
+    with pytest.raises(ConfigError, match=r"fp16=True conflicts with mixed_precision='bf16'"):
+        TrainingConfig(fp16=True, mixed_precision="bf16")
+    # Changing one of the three re-derives the others: a bf16 preset overridden to fp16 is fp16.
+    model, cfg = get_preset("base")
+    assert apply_overrides(model, cfg, ["train.mixed_precision=fp16"])[1].fp16
+    assert apply_overrides(model, cfg, ["train.fp16=true"])[1].mixed_precision == "fp16"
+    assert cfg.replace(mixed_precision="no").bf16 is False
+
+
+def test_early_stopping_threshold_counts_small_gains_as_no_improvement():
+    from jaxclf.train.loop import _record_eval
+    cfg = TrainingConfig(early_stopping_threshold=0.05)
+    meta = {"evals": [], "best": None, "evals_without_improvement": 0}
+    for step, f1, without in [(1, 0.50, 0), (2, 0.53, 1), (3, 0.60, 0), (4, 0.60, 1), (5, 0.40, 2)]:
+        _record_eval(meta, step, {"macro_f1": f1}, cfg)
+        assert meta["evals_without_improvement"] == without, step
+    assert meta["best"]["step"] == 4  # the best checkpoint still moves with any gain (a tie: the later one)
+
+
+def test_vocab_size_set_in_the_model_config_is_honoured(caplog):
+    from jaxclf.train.loop import prepare_data
+    cfg = TrainingConfig(train_file=str(SAMPLE), output_dir="/nonexistent/never-written")
+    model = ModelConfig(vocab_size=10000, d_model=32, nhead=2, num_encoder_layers=1, dim_feedforward=64,
+                        max_position_embeddings=32)
+    with caplog.at_level("INFO", logger="jaxclf.train.loop"):
+        prepared = prepare_data(model, cfg)
+    learned = prepared.tokenizer.get_vocab_size()
+    assert prepared.config.vocab_size == prepared.export_config.vocab_size == 10000 and learned < 10000
+    assert f"has {learned} tokens; model vocab_size = 10000 as configured" in caplog.text
+    # train.tokenizer_vocab_size sizes the model to what the tokenizer learned, and says so.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="jaxclf.train.loop"):
+        sized = prepare_data(model, cfg.replace(tokenizer_vocab_size=300))
+    assert sized.config.vocab_size == sized.tokenizer.get_vocab_size() == 300
+    assert "model.vocab_size=10000 is not used when train.tokenizer_vocab_size is set" in caplog.text
+    with pytest.raises(ConfigError, match=r"has \d+ tokens but model.vocab_size=20"):
+        prepare_data(model.replace(vocab_size=20), cfg)
 
 
 def test_dotted_overrides_parse_by_field_type():
@@ -384,7 +437,8 @@ def test_fp16_overflow_step_is_skipped_not_applied():
     """A loss scale so large the scaled gradients overflow: params and optimiser state stay, the scale halves."""
     import jax.numpy as jnp
     from jaxclf.train import sharding
-    from jaxclf.train.loop import build_train_state, make_train_step
+    from jaxclf.train.loop import build_train_state
+    from jaxclf.train.step import make_train_step
 
     config = ModelConfig(vocab_size=50, d_model=16, nhead=2, num_encoder_layers=1, dim_feedforward=32,
                          max_position_embeddings=16, dtype="float16")
@@ -416,7 +470,8 @@ def test_micro_batches_give_the_whole_batch_update():
     """micro_batches=4 (lax.scan gradient accumulation) = one pass over the batch, padding rows included."""
     import jax.numpy as jnp
     from jaxclf.train import sharding
-    from jaxclf.train.loop import build_train_state, make_train_step
+    from jaxclf.train.loop import build_train_state
+    from jaxclf.train.step import make_train_step
 
     config = ModelConfig(vocab_size=50, d_model=16, nhead=2, num_encoder_layers=2, dim_feedforward=32,
                          max_position_embeddings=16, dropout=0.0, attention_dropout=0.0)

@@ -5,12 +5,16 @@
     model_config, train_config = get_preset("small")
     result = train(model_config, train_config)   # -> TrainResult (exported model dir, metrics)
 
-Modules: loop (the run), step (the jitted train/eval steps), runlog (JSONL/TensorBoard/PNG/progress),
-data (readers, tokenized datasets, Grain batches), datasets (public data sets for benchmarks),
-optim (clip -> AdamW, schedules), sharding (mesh, logical axes, jax.distributed), checkpoint
-(Orbax), flops (MFU), presets (named configurations). The configs themselves live in jaxclf.config.
+The original framework's API (jaxclf.train.trainer): `from jaxclf.train import train_model, TrainingConfig`,
+and Trainer, TextClassificationDataset, EarlyStoppingCallback.
 
-Imported lazily: `jaxclf.train.data` or `jaxclf.train.presets` must not pull in JAX's model or loop.
+Modules: loop (the run, in phases), step (the jitted train/eval steps), evaluate (the one evaluation
+report), runlog (JSONL/TensorBoard/PNG/progress), trainer (the original framework's API), data
+(readers, tokenized datasets, Grain batches), datasets (public data sets for benchmarks), optim
+(clip -> AdamW, schedules), sharding (mesh, logical axes, jax.distributed), checkpoint (Orbax),
+flops (MFU), presets (named configurations). The configs themselves live in jaxclf.config.
+
+Imported lazily: `jaxclf.train.data` or `jaxclf.train.presets` must not pull in Flax, the model or the loop.
 """
 
 import importlib
@@ -20,8 +24,14 @@ _LAZY = {
     "TrainResult": "jaxclf.train.loop",
     "build_train_state": "jaxclf.train.loop",
     "restore_checkpoint": "jaxclf.train.loop",
-    "make_train_step": "jaxclf.train.loop",
-    "make_eval_step": "jaxclf.train.loop",
+    "make_train_step": "jaxclf.train.step",
+    "make_eval_step": "jaxclf.train.step",
+    "evaluation_report": "jaxclf.train.evaluate",
+    "evaluate_classifier": "jaxclf.train.evaluate",
+    "train_model": "jaxclf.train.trainer",
+    "Trainer": "jaxclf.train.trainer",
+    "TextClassificationDataset": "jaxclf.train.trainer",
+    "EarlyStoppingCallback": "jaxclf.train.trainer",
     "TrainingConfig": "jaxclf.config",
 }
 

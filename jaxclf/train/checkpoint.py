@@ -12,11 +12,10 @@ import logging
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
-
-from jaxclf.train import data
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +45,14 @@ class Checkpointer:
     def save(self, step: int, state: Any, iterator: Any, meta: dict, metrics: dict | None = None) -> None:
         """Save (asynchronously where enabled); `metrics` ranks this step for best-N retention."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=data.iterator_checkpoint_args(iterator),
+                                  data=iterator_checkpoint_args(iterator),
                                   meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: Any, iterator: Any) -> tuple[Any, dict]:
         """(state placed by abstract_state's shardings, meta); the iterator is restored in place."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=data.iterator_restore_args(iterator),
+                                  data=iterator_restore_args(iterator),
                                   meta=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         return restored["state"], restored["meta"]
@@ -78,3 +77,23 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) describing a tree of arrays, for restore targets."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def iterator_checkpoint_args(iterator: grain.DatasetIterator) -> grain.checkpoint.CheckpointSave:
+    """Orbax save args for a grain iterator (jaxclf.train.data.train_batches), an item of `ocp.args.Composite`.
+
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=iterator_checkpoint_args(batches)))
+
+    Each process writes its own small JSON state file (process_<i>-of-<n>.json).
+    """
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def iterator_restore_args(iterator: grain.DatasetIterator) -> grain.checkpoint.CheckpointRestore:
+    """Orbax restore args that set a freshly built grain iterator (same data and settings) to the saved state.
+
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 data=iterator_restore_args(batches)))
+    """
+    return grain.checkpoint.CheckpointRestore(iterator)

@@ -9,7 +9,7 @@
 
 Every process builds the same GLOBAL batches (same shuffle, same padded length T) and keeps its own
 rows, so a run on N hosts sees exactly the batches of a run on one. The training iterator is a grain
-`DatasetIterator`: save it next to the model state with Orbax through `iterator_checkpoint_args`.
+`DatasetIterator` that jaxclf.train.checkpoint saves next to the model state.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -29,8 +30,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from jaxclf import tokenizer as tokenization
-from jaxclf.tokenizer import bucket_for
+from jaxclf.config import ConfigError
 from jaxclf.errors import JaxclfError
+from jaxclf.tokenizer import bucket_for
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ def read_examples(path: str | os.PathLike, *, skip_bad: bool = False) -> tuple[l
 
     texts, labels, report = [], [], ReadReport(path=path, rows=0)
     for row in rows:
-        problem = row.problem or _example_problem(row.text, row.label)
+        problem = row.problem or example_problem(row.text, row.label)
         if problem:
             message = f"{path}:{unit}{row.line}: {problem}"
             if not skip_bad:
@@ -115,7 +117,8 @@ def read_examples(path: str | os.PathLike, *, skip_bad: bool = False) -> tuple[l
     return texts, labels, report
 
 
-def _example_problem(text: str, label: str) -> str | None:
+def example_problem(text: str, label: str) -> str | None:
+    """Why a parsed (text, label) pair cannot be trained on, or None; the rule for files and in-memory data alike."""
     if not text.strip():
         return "text is empty"
     if not label:
@@ -254,6 +257,24 @@ def _json_row(number: int, line: str) -> _Row:
     return _Row(number, text=text, label=label.strip())
 
 
+# Characters str.splitlines() breaks lines at that json.dumps leaves raw (latin-1 mojibake has U+0085):
+# escaped, so that any line-splitting reader sees one record a line.
+_LINE_BREAKS_ESCAPED = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
+
+
+def write_jsonl(path: str | os.PathLike, texts: Sequence[str], labels: Sequence[str]) -> str:
+    """Write (text, label) pairs as {"text", "label"} JSON lines, atomically; returns the file's sha256."""
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    body = "".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in zip(texts, labels))
+    encoded = body.translate(_LINE_BREAKS_ESCAPED).encode("utf-8")
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(encoded)
+    os.replace(tmp, path)
+    return hashlib.sha256(encoded).hexdigest()
+
+
 def write_array_record(path: str | os.PathLike, texts: Sequence[str], labels: Sequence[str]) -> None:
     """Write (text, label) pairs as an ArrayRecord file, one JSON {"text", "label"} record each."""
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -275,15 +296,16 @@ def label_vocabulary(labels: Sequence[str], given: Sequence[str] | None = None) 
     """The label names in id order: `given` (checked distinct and non-empty) or the data's sorted unique labels."""
     if given is None:
         if not labels:
-            raise ValueError("no labels to build a label vocabulary from")
+            raise DataError("no labels to build a label vocabulary from")
         return tuple(sorted(set(labels)))
     given = tuple(given)
     bad = [name for name in given if not isinstance(name, str) or not name.strip()]
     if bad or not given:
-        raise ValueError(f"label names must be non-empty strings; got {list(given)!r}")
+        raise DataError(f"label names must be non-empty strings; got {list(given)!r}")
     repeated = sorted({name for name in given if given.count(name) > 1})
     if repeated:
-        raise ValueError(f"label names must be distinct; repeated: {', '.join(map(repr, repeated))}")
+        raise DataError(f"label names must be distinct; repeated: {', '.join(map(repr, repeated))} "
+                        f"in {list(given)!r}")
     return given
 
 
@@ -381,7 +403,7 @@ def tokenize_dataset(tokenizer: Tokenizer, texts: Sequence[str], labels_ids: Seq
         sequences.extend(encoder.ids(list(texts[start:start + chunk_size])))
     empty = [k for k, s in enumerate(sequences) if not s]
     if empty:  # an all-padding row would give attention nothing to attend to
-        raise ValueError(f"{len(empty)} text(s) produced no tokens, first example {empty[0] + 1}: "
+        raise DataError(f"{len(empty)} text(s) produced no tokens, first example {empty[0] + 1}: "
                          f"{texts[empty[0]][:60]!r}")
     ds = TokenizedDataset.from_sequences(sequences, labels_ids)
     logger.info("tokenized %d texts: %d tokens, longest %d", len(ds), len(ds.ids), ds.lengths.max())
@@ -403,10 +425,10 @@ def train_batches(ds: TokenizedDataset, *, global_batch_size: int, seed: int, bu
     """
     _check_batching(ds, global_batch_size, buckets, process_index, process_count)
     if len(ds) < global_batch_size:
-        raise ValueError(f"global_batch_size {global_batch_size} is larger than the data set "
+        raise ConfigError(f"global_batch_size {global_batch_size} is larger than the data set "
                          f"({len(ds)} examples): no full training batch")
     if seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        raise ConfigError(f"seed must be a non-negative integer, got {seed}")
     collate = functools.partial(_collate, global_batch_size=global_batch_size, buckets=tuple(buckets),
                                 pad_id=pad_id, process_index=process_index, process_count=process_count)
     # grain reshuffles epoch e with seed + e, so user seeds s and s+1 would share all but one epoch's
@@ -437,11 +459,12 @@ def _check_batching(ds: TokenizedDataset, global_batch_size: int, buckets: Seque
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] <= 0:
-        raise ValueError(f"buckets must be distinct positive lengths in increasing order, got {tuple(buckets)}")
+        raise ConfigError(f"length buckets must be distinct positive lengths in increasing order, "
+                          f"got {tuple(buckets)}")
     longest = int(ds.lengths.max()) if len(ds) else 0
     if longest > buckets[-1]:
-        raise ValueError(f"the longest example has {longest} tokens but the largest bucket is {buckets[-1]}; "
-                         f"truncate the tokenizer to the model's max length")
+        raise ConfigError(f"the longest example has {longest} tokens but the largest bucket is {buckets[-1]}; "
+                         f"set length_buckets up to the model's max length")
 
 
 def _collate(examples: Sequence[dict], *, global_batch_size: int, buckets: tuple[int, ...], pad_id: int,
@@ -467,27 +490,3 @@ def _collate(examples: Sequence[dict], *, global_batch_size: int, buckets: tuple
         else:
             attention_mask[row, 0] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights}
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpointing the training iterator with Orbax
-
-
-def iterator_checkpoint_args(iterator: grain.DatasetIterator) -> grain.checkpoint.CheckpointSave:
-    """Orbax save args for a grain iterator, an item of `ocp.args.Composite`.
-
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   data=iterator_checkpoint_args(batches)))
-
-    Each process writes its own small JSON state file (process_<i>-of-<n>.json).
-    """
-    return grain.checkpoint.CheckpointSave(iterator)
-
-
-def iterator_restore_args(iterator: grain.DatasetIterator) -> grain.checkpoint.CheckpointRestore:
-    """Orbax restore args that set a freshly built grain iterator (same data and settings) to the saved state.
-
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                 data=iterator_restore_args(batches)))
-    """
-    return grain.checkpoint.CheckpointRestore(iterator)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import importlib.util
 import io
 import json
@@ -38,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-from jaxclf.train.data import stratified_split
+from jaxclf.train.data import stratified_split, write_jsonl
 from jaxclf.errors import JaxclfError
 
 log = logging.getLogger(__name__)
@@ -139,22 +138,6 @@ def deduplicate(texts: Sequence[str], labels: Sequence[str]) -> tuple[list[int],
                   "conflicting_rows_dropped": dropped_conflicting}
 
 
-# Characters str.splitlines() breaks lines at that json.dumps leaves raw (latin-1 mojibake has U+0085):
-# escaped, so that any line-splitting reader sees one record a line.
-_LINE_BREAKS_ESCAPED = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
-
-
-def _write_jsonl(path: Path, texts: Sequence[str], labels: Sequence[str]) -> str:
-    """Write {"text", "label"} lines atomically; returns the file's sha256."""
-    body = "".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in zip(texts, labels))
-    body = body.translate(_LINE_BREAKS_ESCAPED)
-    data = body.encode("utf-8")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return hashlib.sha256(data).hexdigest()
-
-
 def prepare(name: str, output: str | os.PathLike) -> dict:
     """Read data set `name`, deduplicate, split 80/20 stratified (seed 0), write train/test JSONL and a report."""
     if name not in READERS:
@@ -173,7 +156,7 @@ def prepare(name: str, output: str | os.PathLike) -> dict:
               "counts": {}, "sha256": {}}
     for part, idx in (("train", train_idx), ("test", test_idx)):
         part_texts, part_labels = [texts[i] for i in idx], [labels[i] for i in idx]
-        report["sha256"][f"{part}.jsonl"] = _write_jsonl(out / f"{part}.jsonl", part_texts, part_labels)
+        report["sha256"][f"{part}.jsonl"] = write_jsonl(out / f"{part}.jsonl", part_texts, part_labels)
         report["counts"][part] = dict(sorted(Counter(part_labels).items()))
     report["counts"]["all"] = dict(sorted(Counter(labels).items()))
     report["counts"]["read"] = dict(sorted(Counter(source.labels).items()))

@@ -4,6 +4,11 @@
     model_config, train_config = get_preset("small")
     result = train(model_config, train_config)   # -> TrainResult (exported model dir, metrics)
 
+A run has four phases, each a function below: prepare_data (read, label, tokenize: everything is
+validated before anything is written), build_train_state (model, optimiser, shardings), the step
+loop (_Run.loop: steps, logging, evaluation, checkpoints, early stopping, preemption) and the
+export of the best checkpoint (_Run.export).
+
 The loop is resumable: re-running with the same output_dir continues from the latest complete
 checkpoint and, on CPU, ends with bitwise the same weights as an uninterrupted run. SIGTERM
 (preemption) saves a checkpoint and returns cleanly.
@@ -12,45 +17,62 @@ checkpoint and, on CPU, ends with bitwise the same weights as an uninterrupted r
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import signal
-import sys
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tokenizers import Tokenizer
 
 from jaxclf import classifier, model_dir, tokenizer as tokenization, weights
-from jaxclf.train import data
-from jaxclf.train import flops
-from jaxclf.train import optim
-from jaxclf.train import sharding
-from jaxclf.train.checkpoint import Checkpointer, abstract_like
 from jaxclf.config import MIXED_PRECISION, ConfigError, ModelConfig, TrainingConfig
-from jaxclf.metrics import classification_report
-from jaxclf.model import TransformerClassifier, create_model
+from jaxclf.model import create_model
+from jaxclf.train import data, flops, optim, sharding
+from jaxclf.train.checkpoint import Checkpointer, abstract_like
+from jaxclf.train.evaluate import evaluation_report, sharded_logits
+from jaxclf.train.runlog import ProgressBar, RunLog, StepWindow
+from jaxclf.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"  # OUTPUT/tokenizer.json: the vocabulary the checkpoints were trained with
+
 
 @dataclasses.dataclass
 class TrainResult:
     model_dir: Path | None  # OUTPUT/model, or None when preempted before the end
     steps: int
-    eval_metrics: dict | None  # metrics of the exported (best) checkpoint
+    eval_metrics: dict | None  # evaluation report of the exported (best) checkpoint
     preempted: bool = False
+    epoch: float = 0.0  # passes over the training examples, fractional
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- phase 1: data
 
-def _load_splits(cfg: TrainingConfig):
+
+@dataclasses.dataclass
+class PreparedData:
+    """What a run reads and derives before it writes anything."""
+
+    tokenizer: Tokenizer  # configured with the model's max length and padding
+    new_tokenizer: bool  # trained (or given) now, to be saved at OUTPUT/tokenizer.json
+    config: ModelConfig  # the model as the steps compute it (mixed-precision dtype, remat)
+    export_config: ModelConfig  # the model as its directory records it (float32 compute unless asked)
+    init_tensors: dict | None  # weights to start from (fine-tuning), PyTorch names
+    label_names: tuple[str, ...]
+    train_ds: data.TokenizedDataset
+    eval_ds: data.TokenizedDataset | None
+    buckets: tuple[int, ...]
+
+
+def load_splits(cfg: TrainingConfig):
     """((texts, labels, file lines), (eval texts, labels, lines)); eval held out of train when no eval_file."""
     texts, labels, report = data.read_examples(cfg.train_file, skip_bad=cfg.skip_bad_rows)
     train = (texts, labels, report.lines)
@@ -67,187 +89,30 @@ def _load_splits(cfg: TrainingConfig):
     return train, held
 
 
-# ----------------------------------------------------------------------------- the step
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(weighted mean loss, per-example loss); float32 whatever the compute dtype."""
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1.0), per_example
-
-
-def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, cfg: TrainingConfig):
-    """The pure train step: (state, batch) -> (state, metrics). `rest` holds the model's RNG streams."""
-    fp16 = cfg.mixed_precision == "fp16"
-
-    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
-        params = state["params"]
-        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        total_weight = jnp.maximum(batch["weights"].sum(), 1.0)
-
-        def loss_fn(p, part, key):
-            # A fresh dropout stream per step, derived from (seed, step): a resumed run replays it exactly.
-            step_rest = jax.tree.map(
-                lambda x: key if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, rest)
-            model = nnx.merge(graphdef, p, step_rest, copy=True)  # copy: dropout advances its RNG count
-            model.train()
-            logits = model(part["input_ids"], part["attention_mask"])
-            per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                                          part["labels"])
-            loss = (per_example * part["weights"]).sum() / total_weight  # this part's share of the mean
-            return loss * state["loss_scale"], loss
-
-        grad_fn = jax.grad(loss_fn, has_aux=True)
-        m = cfg.micro_batches
-        if m == 1:
-            grads, loss = grad_fn(params, batch, dropout_key)
-        else:
-            rows = batch["labels"].shape[0]
-            if rows % m:
-                raise ValueError(f"a batch of {rows} rows does not split into micro_batches={m}")
-
-            # Micro-batch k takes rows k, k+m, k+2m, ...: with the batch sharded over devices in
-            # contiguous blocks, every micro-batch stays spread evenly over them (no data movement).
-            def split(x):
-                return jnp.moveaxis(x.reshape(rows // m, m, *x.shape[1:]), 1, 0)
-
-            def accumulate(carry, xs):
-                micro, k = xs
-                g, l = grad_fn(params, micro, jax.random.fold_in(dropout_key, k))
-                return jax.tree.map(jnp.add, carry, (g, l)), None
-
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
-            (grads, loss), _ = jax.lax.scan(accumulate, zeros, (jax.tree.map(split, batch), jnp.arange(m)))
-        grads = jax.tree.map(lambda g: g / state["loss_scale"], grads)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        new_state = dict(state, step=state["step"] + 1)
-        lr = schedule(state["step"])  # the rate of this update (off by the skipped steps under fp16)
-        if fp16:
-            # Dynamic loss scaling: a step whose gradients overflowed is skipped (params and
-            # optimiser state kept) and the scale halves; a long run of finite steps doubles it.
-            finite = jnp.isfinite(grad_norm)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-            new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
-            good = jnp.where(finite, state["good_steps"] + 1, 0)
-            grow = good >= cfg.loss_scale_period
-            scale = jnp.where(finite, jnp.where(grow, state["loss_scale"] * 2, state["loss_scale"]),
-                              jnp.maximum(state["loss_scale"] / 2, 1.0))
-            new_state.update(good_steps=jnp.where(grow, 0, good), loss_scale=scale)
-            skipped = 1 - finite.astype(jnp.int32)
-        else:
-            skipped = jnp.int32(0)
-        new_state.update(params=new_params, opt_state=opt_state)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
-                   "param_norm": optax.global_norm(new_params), "update_norm": optax.global_norm(updates),
-                   "skipped": skipped, "loss_scale": state["loss_scale"],
-                   "tokens": batch["attention_mask"].sum(), "examples": batch["weights"].sum()}
-        return new_state, metrics
-
-    return train_step
+def _vocabulary_size(model_cfg: ModelConfig, cfg: TrainingConfig, tok: Tokenizer, source: str) -> int:
+    """The model's vocab_size for a from-scratch tokenizer, with a log line saying which and why."""
+    learned = tok.get_vocab_size()
+    if cfg.tokenizer_vocab_size is not None:
+        replaced = f" (model.vocab_size={model_cfg.vocab_size} is not used when train.tokenizer_vocab_size " \
+                   f"is set)" if model_cfg.vocab_size != learned else ""
+        log.info("vocabulary: %s has %d tokens; model vocab_size = %d%s", source, learned, learned, replaced)
+        return learned
+    if learned > model_cfg.vocab_size:
+        raise ConfigError(f"{source} has {learned} tokens but model.vocab_size={model_cfg.vocab_size}; raise "
+                          f"vocab_size (a BPE vocabulary holds at least every character of the corpus)")
+    unused = model_cfg.vocab_size - learned
+    log.info("vocabulary: %s has %d tokens; model vocab_size = %d as configured%s", source, learned,
+             model_cfg.vocab_size, f" ({unused} embedding rows unused; set train.tokenizer_vocab_size to "
+                                   f"size the model to the tokenizer)" if unused else "")
+    return model_cfg.vocab_size
 
 
-def make_eval_step(graphdef, rest):
-    def eval_step(params, batch):
-        model = nnx.merge(graphdef, params, rest)
-        model.eval()
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        _, per_example = _cross_entropy(logits, batch["labels"], batch["weights"])
-        return logits, per_example
-
-    return eval_step
-
-
-# ----------------------------------------------------------------------------- the run
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (checkpoint, then return)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-class _Logger:
-    """Process 0 writes metrics as JSON lines, TensorBoard events, and a PNG of the curves at the end."""
-
-    def __init__(self, output_dir: Path, enabled: bool, resume_step: int):
-        self.enabled, self.path = enabled, output_dir / "metrics.jsonl"
-        self.writer = None
-        if not enabled:
-            return
-        if resume_step and self.path.exists():  # drop lines of steps that will be replayed
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
-        from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-
-    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = {"kind": kind, "step": step, **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.writer.add_scalar(f"{kind}/{k}", v, step)
-        self.writer.flush()
-
-    def close(self, plot_path: Path | None) -> None:
-        if not self.enabled:
-            return
-        self.writer.close()
-        if plot_path is not None and self.path.exists():
-            plot_curves(self.path, plot_path)
-
-
-def plot_curves(jsonl: Path, png: Path) -> None:
-    """Training loss, learning rate and evaluation metrics against steps, as one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    if evals:
-        axes[0].plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
-    axes[0].set(title="loss", xlabel="step")
-    axes[0].legend()
-    axes[1].plot([r["step"] for r in train], [r["learning_rate"] for r in train])
-    axes[1].set(title="learning rate", xlabel="step")
-    for key in ("accuracy", "macro_f1"):
-        axes[2].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
-    axes[2].set(title="evaluation", xlabel="step", ylim=(0, 1))
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def _prepare_tokenizer_and_config(model_cfg: ModelConfig, cfg: TrainingConfig, texts, label_names, out: Path):
-    """(tokenizer, model config, initial weights or None). Fine-tuning keeps the tokenizer and labels."""
+def _tokenizer_and_config(model_cfg: ModelConfig, cfg: TrainingConfig, texts: list[str],
+                          label_names: tuple[str, ...], tokenizer: Tokenizer | None):
+    """(tokenizer, is new, model config, initial weights or None). Fine-tuning keeps the tokenizer and labels."""
     if cfg.init_from:
+        if tokenizer is not None:
+            raise ConfigError(f"a tokenizer was given, but init_from={cfg.init_from!r} brings its own")
         init_cfg, tensors, tok, _ = model_dir.read(cfg.init_from)
         if tuple(label_names) != init_cfg.id2label:
             raise ConfigError(f"labels of the data {list(label_names)} differ from those of "
@@ -255,20 +120,71 @@ def _prepare_tokenizer_and_config(model_cfg: ModelConfig, cfg: TrainingConfig, t
         # The model directory defines the whole architecture, dropout included; the preset's model
         # section does not apply when fine-tuning.
         log.info("fine-tuning %s: its model config is used as is (model.* settings are ignored)", cfg.init_from)
-        return tok, init_cfg, tensors
-    tok_path = out / "tokenizer.json"
-    if tok_path.exists():  # resuming: the vocabulary must be the one the checkpoints were trained with
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(tok_path))
+        return tok, False, init_cfg, tensors
+    saved = Path(cfg.output_dir) / TOKENIZER_FILE
+    if saved.exists():  # resuming: the vocabulary must be the one the checkpoints were trained with
+        tok, new, source = Tokenizer.from_file(str(saved)), False, f"the run's tokenizer {saved}"
+    elif tokenizer is not None:
+        tok, new, source = Tokenizer.from_str(tokenizer.to_str()), True, "the given tokenizer"  # a copy: configure() mutates
     else:
-        tok = tokenization.train_tokenizer(texts, vocab_size=cfg.tokenizer_vocab_size)
-        if jax.process_index() == 0:
-            tmp = tok_path.with_suffix(".tmp")
-            tok.save(str(tmp))
-            os.replace(tmp, tok_path)
-    config = model_cfg.replace(vocab_size=tok.get_vocab_size(), num_classes=len(label_names),
-                               id2label=tuple(label_names))
-    return tok, config, None
+        target = cfg.tokenizer_vocab_size or model_cfg.vocab_size
+        which = "train.tokenizer_vocab_size" if cfg.tokenizer_vocab_size else "model.vocab_size"
+        tok, new = tokenization.train_tokenizer(texts, vocab_size=target), True
+        source = f"the BPE tokenizer trained on the training texts (up to {which}={target})"
+    vocab_size = _vocabulary_size(model_cfg, cfg, tok, source)
+    config = model_cfg.replace(vocab_size=vocab_size, num_classes=len(label_names), id2label=tuple(label_names))
+    return tok, new, config, None
+
+
+def prepare_data(model_cfg: ModelConfig, cfg: TrainingConfig, tokenizer: Tokenizer | None = None) -> PreparedData:
+    """Read the data, settle labels, tokenizer and model config, tokenize; writes nothing."""
+    (texts, labels, lines), (eval_texts, eval_labels, eval_lines) = load_splits(cfg)
+    if cfg.init_from and not cfg.labels:
+        label_names = model_dir.read_config(cfg.init_from).id2label
+    else:
+        label_names = data.label_vocabulary(labels, cfg.labels or None)
+    train_ids = data.label_ids(labels, label_names, cfg.train_file, lines=lines)
+    eval_ids = data.label_ids(eval_labels, label_names, cfg.eval_file or cfg.train_file, lines=eval_lines)
+
+    tok, new, config, init_tensors = _tokenizer_and_config(model_cfg, cfg, texts, label_names, tokenizer)
+    tok = tokenization.configure(tok, config.max_position_embeddings, config.pad_token_id)
+    export_config = config
+    config = config.replace(gradient_checkpointing=cfg.gradient_checkpointing or config.gradient_checkpointing)
+    if cfg.mixed_precision != "no":
+        config = config.replace(dtype=MIXED_PRECISION[cfg.mixed_precision])
+    buckets = cfg.length_buckets or tokenization.length_buckets(config.max_position_embeddings)
+    if max(buckets) > config.max_position_embeddings:
+        raise ConfigError(f"length_buckets {list(buckets)} exceed max_position_embeddings="
+                          f"{config.max_position_embeddings}")
+    train_ds = data.tokenize_dataset(tok, texts, train_ids, truncation_head=config.truncation_head)
+    eval_ds = (data.tokenize_dataset(tok, eval_texts, eval_ids, truncation_head=config.truncation_head)
+               if eval_texts else None)
+    return PreparedData(tok, new, config, export_config, init_tensors, tuple(label_names), train_ds, eval_ds,
+                        tuple(buckets))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """Batch sizes and step counts of a run."""
+
+    global_batch: int
+    eval_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_steps(cfg: TrainingConfig, num_examples: int) -> StepPlan:
+    n_dev = jax.device_count()
+    global_batch = cfg.per_device_train_batch_size * n_dev
+    steps_per_epoch = num_examples // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"global batch {global_batch} ({cfg.per_device_train_batch_size} per device x "
+                          f"{n_dev} devices) is larger than the {num_examples} training examples")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    return StepPlan(global_batch, cfg.per_device_eval_batch_size * n_dev, steps_per_epoch, total_steps)
+
+
+# ----------------------------------------------------------------------------- phase 2: the train state
 
 
 @dataclasses.dataclass
@@ -346,191 +262,190 @@ def restore_checkpoint(output_dir: str | os.PathLike, mesh=None, step: int | Non
     return state, meta
 
 
-def train(model_cfg: ModelConfig, cfg: TrainingConfig) -> TrainResult:
-    """Train (or resume) a classifier and export the best checkpoint to OUTPUT/model."""
-    out = Path(cfg.output_dir)
-    is_main = jax.process_index() == 0
+# ----------------------------------------------------------------------------- phases 3 and 4: steps, export
 
-    # Data: read and validate everything before anything is written.
-    (texts, labels, lines), (eval_texts, eval_labels, eval_lines) = _load_splits(cfg)
-    if cfg.init_from and not cfg.labels:
-        label_names = model_dir.read_config(cfg.init_from).id2label
-    else:
-        label_names = data.label_vocabulary(labels, cfg.labels or None)
-    train_ids = data.label_ids(labels, label_names, cfg.train_file, lines=lines)
-    eval_ids = data.label_ids(eval_labels, label_names, cfg.eval_file or cfg.train_file, lines=eval_lines)
 
-    out.mkdir(parents=True, exist_ok=True)
-    tok, config, init_tensors = _prepare_tokenizer_and_config(model_cfg, cfg, texts, label_names, out)
-    tok = tokenization.configure(tok, config.max_position_embeddings, config.pad_token_id)
-    export_config = config  # what the model directory records (fp32 compute unless asked otherwise)
-    config = config.replace(gradient_checkpointing=cfg.gradient_checkpointing or config.gradient_checkpointing)
-    if cfg.mixed_precision != "no":
-        config = config.replace(dtype=MIXED_PRECISION[cfg.mixed_precision])
-    buckets = cfg.length_buckets or classifier.length_buckets(config.max_position_embeddings)
-    if max(buckets) > config.max_position_embeddings:
-        raise ConfigError(f"length_buckets {list(buckets)} exceed max_position_embeddings="
-                          f"{config.max_position_embeddings}")
+def train(model_cfg: ModelConfig, cfg: TrainingConfig, tokenizer: Tokenizer | None = None) -> TrainResult:
+    """Train (or resume) a classifier and export the best checkpoint to OUTPUT/model.
 
-    # Mesh and batch sizes.
+    `tokenizer`: use this one instead of training a BPE tokenizer on the training texts (from scratch only).
+    """
+    prepared = prepare_data(model_cfg, cfg, tokenizer)
     mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
-    n_dev = jax.device_count()
-    global_batch = cfg.per_device_train_batch_size * n_dev
-    eval_batch = cfg.per_device_eval_batch_size * n_dev
-    train_ds = data.tokenize_dataset(tok, texts, train_ids, truncation_head=config.truncation_head)
-    steps_per_epoch = len(train_ds) // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"global batch {global_batch} ({cfg.per_device_train_batch_size} per device x "
-                          f"{n_dev} devices) is larger than the {len(train_ds)} training examples")
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-
-    setup = build_train_state(config, cfg, mesh, total_steps, init_tensors)
-    graphdef, rest, tx, schedule = setup.graphdef, setup.rest, setup.tx, setup.schedule
-    state, state_shardings, param_shardings = setup.state, setup.state_shardings, setup.param_shardings
-
-    train_step = jax.jit(make_train_step(graphdef, rest, tx, schedule, cfg), donate_argnums=0,
-                         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)))
-    eval_step = jax.jit(make_eval_step(graphdef, rest),
-                        in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
-                        out_shardings=sharding.replicated(mesh))
-
-    pad_id = config.pad_token_id
-    iterator = data.train_batches(train_ds, global_batch_size=global_batch, seed=cfg.seed, buckets=buckets,
-                                  pad_id=pad_id, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-    eval_ds = (data.tokenize_dataset(tok, eval_texts, eval_ids, truncation_head=config.truncation_head)
-               if eval_texts else None)
-
-    def evaluate(params) -> dict:
-        all_logits, all_loss, all_w, all_y = [], [], [], []
-        for batch in data.eval_batches(eval_ds, global_batch_size=eval_batch, buckets=buckets, pad_id=pad_id,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
-            logits, per_example = eval_step(params, sharding.global_batch(batch, mesh))
-            w = _gather(batch["weights"])
-            all_logits.append(np.asarray(logits)), all_loss.append(np.asarray(per_example))
-            all_w.append(w), all_y.append(_gather(batch["labels"]))
-        w = np.concatenate(all_w) > 0
-        logits, y = np.concatenate(all_logits)[w], np.concatenate(all_y)[w]
-        report = classification_report(y, logits.argmax(-1), label_names,
-                                       loss=float(np.concatenate(all_loss)[w].mean()))
-        probs = classifier.softmax(logits.astype(np.float64))
-        report["confidence_histogram"] = np.histogram(probs.max(-1), bins=10, range=(0, 1))[0].tolist()
-        report["predicted_label_counts"] = np.bincount(probs.argmax(-1), minlength=len(label_names)).tolist()
-        return report
-
-    ckpt = Checkpointer(out / "checkpoints", keep_latest=cfg.save_total_limit,
-                        keep_best=cfg.save_best_total if eval_ds is not None else 0,
-                        metric=cfg.metric_for_best_model, greater_is_better=cfg.greater_is_better,
-                        async_save=cfg.async_checkpointing)
-    meta = {"step": 0, "total_steps": total_steps, "evals": [], "best": None, "evals_without_improvement": 0,
-            "model_config": config.to_dict(), "training_config": cfg.to_dict()}
-    start = ckpt.latest_step()
-    if start is not None:
-        state, meta = ckpt.restore(start, abstract_like(state), iterator)
-        log.info("resumed from the checkpoint at step %d of %d", start, total_steps)
-    step = start_step = int(meta["step"])
-    logger = _Logger(out, is_main, resume_step=step)
-
-    peak = flops.measure_matmul_peak(MIXED_PRECISION[cfg.mixed_precision]) * n_dev
-    log.info("model: %d parameters; %d steps (%d per epoch), global batch %d on %d device(s), mesh %s",
-             sum(x.size for x in jax.tree.leaves(state["params"])), total_steps, steps_per_epoch,
-             global_batch, n_dev, dict(mesh.shape))
-    progress = _progress(total_steps, step, enabled=cfg.progress_bar and is_main)
-    preempted, window, window_start = False, [], time.perf_counter()
-    with _Preemption() as preemption:
-        while step < total_steps and not _early_stop(meta, cfg):
-            local = next(iterator)
-            state, metrics = train_step(state, sharding.global_batch(local, mesh))
-            step += 1
-            if step == start_step + 1:  # the first step compiles: keep it out of the rates
-                jax.block_until_ready(metrics)
-                window_start = time.perf_counter()
-            else:
-                window.append((metrics, local["input_ids"].shape[1]))
-            progress.update(1)
-            if window and (step % cfg.logging_steps == 0 or step == total_steps):
-                jax.block_until_ready(window[-1][0])  # dispatch is asynchronous: time the finished work
-                _log_window(logger, step, window, time.perf_counter() - window_start, config,
-                            global_batch, peak, progress)
-                window, window_start = [], time.perf_counter()
-            eval_now = eval_ds is not None and (step % cfg.eval_steps == 0 or step == total_steps)
-            metrics_for_ckpt = None
-            if eval_now:
-                report = evaluate(state["params"])
-                _record_eval(meta, step, report, cfg)
-                logger.write("eval", step, {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
-                log.info("step %d eval: loss %.4f accuracy %.4f macro_f1 %.4f", step, report["loss"],
-                         report["accuracy"], report["macro_f1"])
-                metrics_for_ckpt = {k: report[k] for k in ("loss", "accuracy", "macro_f1")}
-                window_start = time.perf_counter()
-            meta["step"] = step
-            # The shared signal decides for every process together (a multi-host save is collective).
-            stop_now = _any_process(preemption.requested)
-            if eval_now or step % cfg.save_steps == 0 or step == total_steps or stop_now:
-                ckpt.save(step, state, iterator, meta, metrics_for_ckpt)
-            if stop_now and step < total_steps:
-                preempted = True
-                break
-    progress.close()
-    ckpt.wait()
+    plan = plan_steps(cfg, len(prepared.train_ds))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)  # everything above is validated: the run may now write
+    if prepared.new_tokenizer and jax.process_index() == 0:
+        tmp = (out / TOKENIZER_FILE).with_suffix(".tmp")
+        prepared.tokenizer.save(str(tmp))
+        os.replace(tmp, out / TOKENIZER_FILE)
+    setup = build_train_state(prepared.config, cfg, mesh, plan.total_steps, prepared.init_tensors)
+    run = _Run(prepared, cfg, mesh, plan, setup)
+    state, step, preempted = run.loop()
     if preempted:
         log.warning("preempted at step %d; checkpoint saved. Re-run the same command to resume.", step)
-        ckpt.close()
-        logger.close(None)
-        return TrainResult(model_dir=None, steps=step, eval_metrics=None, preempted=True)
-
-    # Export the best checkpoint (by the eval metric), or the last one without evaluation.
-    best = meta.get("best")
-    if best is not None and best["step"] != step:
-        state = ckpt.restore_state(best["step"], abstract_like(state))
-    eval_metrics = best["report"] if best is not None else None
-    host_params = _gather(state["params"])
-    ckpt.close()
-    export_dir = None
-    if is_main:
-        model = create_model(export_config, cfg.seed)
-        nnx.update(model, jax.tree.map(np.asarray, host_params))
-        clf = classifier.TextClassifier(model, tok)
-        export_metrics = {"eval": eval_metrics, "step": best["step"] if best else step,
-                          "train_file": cfg.train_file, "eval_file": cfg.eval_file,
-                          "training_config": cfg.to_dict()}
-        export_dir = clf.save(out / "model", metrics=export_metrics)
-        logger.close(out / "training_curves.png")
-        log.info("exported %s (step %d)", export_dir, export_metrics["step"])
-    return TrainResult(model_dir=export_dir or out / "model", steps=step, eval_metrics=eval_metrics)
+        run.close(plot=False)
+        return TrainResult(model_dir=None, steps=step, eval_metrics=None, preempted=True,
+                           epoch=run.epoch(step))
+    return run.export(state, step)
 
 
-# ----------------------------------------------------------------------------- helpers of the loop
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (checkpoint, then return)."""
 
-def _gather(tree):
-    """Host numpy copy of (possibly multi-process sharded) arrays."""
-    if jax.process_count() == 1:
-        return jax.tree.map(np.asarray, jax.device_get(tree))
-    from jax.experimental import multihost_utils
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
-def _any_process(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-    return bool(multihost_utils.process_allgather(np.asarray([flag])).any())
+class _Run:
+    """One run's compiled steps, batches, checkpoints and logs; `loop()` then `export()`."""
+
+    def __init__(self, prepared: PreparedData, cfg: TrainingConfig, mesh, plan: StepPlan, setup: TrainSetup):
+        self.prepared, self.cfg, self.mesh, self.plan, self.setup = prepared, cfg, mesh, plan, setup
+        self.is_main = jax.process_index() == 0
+        batch_sharding = sharding.batch_sharding(mesh)
+        self.train_step = jax.jit(make_train_step(setup.graphdef, setup.rest, setup.tx, setup.schedule, cfg),
+                                  donate_argnums=0, in_shardings=(setup.state_shardings, batch_sharding),
+                                  out_shardings=(setup.state_shardings, sharding.replicated(mesh)))
+        self.eval_step = jax.jit(make_eval_step(setup.graphdef, setup.rest),
+                                 in_shardings=(setup.param_shardings, batch_sharding),
+                                 out_shardings=sharding.replicated(mesh))
+        self.iterator = data.train_batches(
+            prepared.train_ds, global_batch_size=plan.global_batch, seed=cfg.seed, buckets=prepared.buckets,
+            pad_id=prepared.config.pad_token_id, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        self.ckpt = Checkpointer(Path(cfg.output_dir) / "checkpoints", keep_latest=cfg.save_total_limit,
+                                 keep_best=cfg.save_best_total if prepared.eval_ds is not None else 0,
+                                 metric=cfg.metric_for_best_model, greater_is_better=cfg.greater_is_better,
+                                 async_save=cfg.async_checkpointing)
+        self.meta = {"step": 0, "total_steps": plan.total_steps, "evals": [], "best": None,
+                     "evals_without_improvement": 0, "model_config": prepared.config.to_dict(),
+                     "training_config": cfg.to_dict()}
+        self.run_log: RunLog | None = None
+
+    def epoch(self, step: int) -> float:
+        return step * self.plan.global_batch / len(self.prepared.train_ds)
+
+    def evaluate(self, params) -> dict:
+        logits, label_ids = sharded_logits(self.eval_step, params, self.prepared.eval_ds, mesh=self.mesh,
+                                           global_batch_size=self.plan.eval_batch, buckets=self.prepared.buckets,
+                                           pad_id=self.prepared.config.pad_token_id)
+        return evaluation_report(logits, label_ids, self.prepared.label_names)
+
+    def _resume(self, state: dict) -> dict:
+        start = self.ckpt.latest_step()
+        if start is not None:
+            state, self.meta = self.ckpt.restore(start, abstract_like(state), self.iterator)
+            log.info("resumed from the checkpoint at step %d of %d", start, self.plan.total_steps)
+        return state
+
+    def _log_start(self, state: dict) -> None:
+        log.info("model: %d parameters; %d steps (%d per epoch), global batch %d on %d device(s), mesh %s",
+                 sum(x.size for x in jax.tree.leaves(state["params"])), self.plan.total_steps,
+                 self.plan.steps_per_epoch, self.plan.global_batch, jax.device_count(), dict(self.mesh.shape))
+
+    def loop(self) -> tuple[dict, int, bool]:
+        """Run the steps from the latest checkpoint (or the start): (state, last step, preempted)."""
+        cfg, total = self.cfg, self.plan.total_steps
+        state = self._resume(self.setup.state)
+        step = start_step = int(self.meta["step"])
+        self.run_log = RunLog(Path(cfg.output_dir), self.is_main, resume_step=step)
+        self._log_start(state)
+        peak = flops.measure_matmul_peak(MIXED_PRECISION[cfg.mixed_precision]) * jax.device_count()
+        window = StepWindow(self.prepared.config, self.plan.global_batch, peak)
+        progress = ProgressBar(total, step, enabled=cfg.progress_bar and self.is_main)
+        preempted = False
+        with _Preemption() as preemption:
+            while step < total and not _early_stop(self.meta, cfg):
+                local = next(self.iterator)
+                state, metrics = self.train_step(state, sharding.global_batch(local, self.mesh))
+                step += 1
+                if step == start_step + 1:  # the first step compiles: keep it out of the rates
+                    jax.block_until_ready(metrics)
+                    window.restart()
+                else:
+                    window.add(metrics, local["input_ids"].shape[1])
+                progress.update(1)
+                if window and (step % cfg.logging_steps == 0 or step == total):
+                    window.flush(step, self.run_log, progress)
+                eval_metrics = self._maybe_evaluate(state, step)
+                if eval_metrics is not None:
+                    window.restart()
+                self.meta["step"] = step
+                # The shared signal decides for every process together (a multi-host save is collective).
+                stop_now = sharding.any_process(preemption.requested)
+                if eval_metrics is not None or step % cfg.save_steps == 0 or step == total or stop_now:
+                    self.ckpt.save(step, state, self.iterator, self.meta, eval_metrics)
+                if stop_now and step < total:
+                    preempted = True
+                    break
+        progress.close()
+        self.ckpt.wait()
+        return state, step, preempted
+
+    def _maybe_evaluate(self, state: dict, step: int) -> dict | None:
+        """Evaluate when due; returns the metrics that rank this step's checkpoint, or None."""
+        if self.prepared.eval_ds is None or (step % self.cfg.eval_steps and step != self.plan.total_steps):
+            return None
+        report = self.evaluate(state["params"])
+        _record_eval(self.meta, step, report, self.cfg)
+        self.run_log.write("eval", step, {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
+        log.info("step %d eval: loss %.4f accuracy %.4f macro_f1 %.4f", step, report["loss"],
+                 report["accuracy"], report["macro_f1"])
+        return {k: report[k] for k in ("loss", "accuracy", "macro_f1")}
+
+    def close(self, plot: bool) -> None:
+        self.ckpt.close()
+        if self.run_log is not None:
+            self.run_log.close(Path(self.cfg.output_dir) / "training_curves.png" if plot else None)
+
+    def export(self, state: dict, step: int) -> TrainResult:
+        """Export the best checkpoint (by the eval metric), or the last one without evaluation, to OUTPUT/model."""
+        out, best = Path(self.cfg.output_dir), self.meta.get("best")
+        if best is not None and best["step"] != step:
+            state = self.ckpt.restore_state(best["step"], abstract_like(state))
+        eval_metrics = best["report"] if best is not None else None
+        host_params = sharding.gather_to_host(state["params"])
+        exported_step = best["step"] if best else step
+        if self.is_main:
+            model = create_model(self.prepared.export_config, self.cfg.seed)
+            nnx.update(model, jax.tree.map(np.asarray, host_params))
+            export_metrics = {"eval": eval_metrics, "step": exported_step, "epoch": self.epoch(exported_step),
+                              "train_file": self.cfg.train_file, "eval_file": self.cfg.eval_file,
+                              "training_config": self.cfg.to_dict()}
+            classifier.TextClassifier(model, self.prepared.tokenizer).save(out / "model", metrics=export_metrics)
+            log.info("exported %s (step %d)", out / "model", exported_step)
+        self.close(plot=self.is_main)
+        return TrainResult(model_dir=out / "model", steps=step, eval_metrics=eval_metrics, epoch=self.epoch(step))
 
 
 def _record_eval(meta: dict, step: int, report: dict, cfg: TrainingConfig) -> None:
+    """Track the best evaluation and the count of evaluations without (enough) improvement."""
     value = report[cfg.metric_for_best_model]
     meta["evals"].append({"step": step, cfg.metric_for_best_model: value})
     best = meta.get("best")
     sign = 1 if cfg.greater_is_better else -1
-    # A tie moves "best" to the later step, as Orbax's best-N retention ranks ties; only a strict
-    # improvement resets the early-stopping patience.
+    # A tie moves "best" to the later step, as Orbax's best-N retention ranks ties; only an
+    # improvement by more than early_stopping_threshold resets the early-stopping patience.
+    improved = best is None or sign * (value - best["value"]) > cfg.early_stopping_threshold
     if best is None or sign * value >= sign * best["value"]:
-        improved = best is None or sign * value > sign * best["value"]
         meta["best"] = {"step": step, "value": value, "report": report}
-    else:
-        improved = False
     meta["evals_without_improvement"] = 0 if improved else meta["evals_without_improvement"] + 1
 
 
@@ -541,62 +456,3 @@ def _early_stop(meta: dict, cfg: TrainingConfig) -> bool:
                  cfg.metric_for_best_model, meta["evals_without_improvement"], meta["best"]["value"],
                  meta["best"]["step"])
     return stop
-
-
-def _log_window(logger: _Logger, step: int, window: list, seconds: float, config: ModelConfig,
-                global_batch: int, peak: float, progress) -> None:
-    host = jax.device_get([m for m, _ in window])
-    lengths = [t for _, t in window]
-    examples = global_batch * len(window)
-    tokens = float(sum(m["tokens"] for m in host))
-    model_flops = sum(flops.train_flops_per_example(config, t) * global_batch for t in lengths)
-    last = host[-1]
-    values = {
-        "loss": float(np.mean([m["loss"] for m in host])),
-        "learning_rate": float(last["learning_rate"]),
-        "grad_norm": float(last["grad_norm"]),
-        "param_norm": float(last["param_norm"]),
-        "update_norm": float(last["update_norm"]),
-        "examples_per_s": examples / seconds,
-        "tokens_per_s": tokens / seconds,
-        "mfu": model_flops / seconds / peak,
-        "skipped_steps": int(sum(m["skipped"] for m in host)),
-    }
-    if values["skipped_steps"]:
-        values["loss_scale"] = float(last["loss_scale"])
-        log.warning("fp16: %d step(s) skipped in the last %d because gradients overflowed; loss scale now %g",
-                    values["skipped_steps"], len(window), values["loss_scale"])
-    logger.write("train", step, values)
-    msg = (f"step {step}: loss {values['loss']:.4f} lr {values['learning_rate']:.2e} "
-           f"grad_norm {values['grad_norm']:.3f} {values['examples_per_s']:.1f} ex/s "
-           f"{values['tokens_per_s']:.0f} tok/s MFU {100 * values['mfu']:.1f}%")
-    if progress.is_bar:
-        progress.set_postfix_str(msg.split(": ", 1)[1])
-    else:
-        log.info(msg)
-
-
-class _progress:
-    """A tqdm bar on a terminal (process 0 only), otherwise nothing."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    @property
-    def is_bar(self) -> bool:
-        return self.bar is not None
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def set_postfix_str(self, s: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(s)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -15,7 +15,6 @@ from typing import Any, Sequence
 from jaxclf.config import ConfigError, ModelConfig, TrainingConfig
 
 
-
 def _small() -> tuple[ModelConfig, TrainingConfig]:
     """The default: 4 layers, d_model 256, on data/sample_texts.csv, well under a minute on 2 CPU cores.
 
@@ -81,7 +80,7 @@ def _replace(obj, changes: dict, where: str):
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
     if isinstance(obj, ModelConfig) and "id2label" in changes:
         changes = dict(changes, id2label=tuple(changes["id2label"]))
-    return dataclasses.replace(obj, **changes)
+    return obj.replace(**changes)  # TrainingConfig.replace keeps mixed_precision / fp16 / bf16 consistent
 
 
 def _parse(field_type: Any, text: str, key: str) -> Any:

@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxclf.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -33,21 +35,21 @@ LOGICAL_RULES: dict[str, str | None] = {
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+    """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices (train.mesh_* settings)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ConfigError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh axis sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ConfigError(f"mesh axis sizes must be positive or -1, got data={data} fsdp={fsdp} tensor={tensor}")
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of "
+            raise ConfigError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of "
                              f"product {known} (data={data} fsdp={fsdp} tensor={tensor})")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
+        raise ConfigError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
                          f"{int(np.prod(sizes))} devices, but {len(devices)} are available")
     mesh_devices = np.asarray(devices).reshape(sizes)
     return Mesh(mesh_devices, MESH_AXES)
@@ -116,12 +118,50 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def gather_to_host(tree: Any) -> Any:
+    """Host numpy copy of (possibly multi-process sharded) arrays; process-local numpy rows are concatenated."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def any_process(flag: bool) -> bool:
+    """True in every process if `flag` is True in any (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.asarray([flag])).any())
+
+
 def initialize_distributed(coordinator: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
-    """Join a multi-process JAX run; with no arguments, let JAX auto-detect (TPU VMs, SLURM)."""
+    """Join a multi-process JAX run: from the flags, else from the scheduler's environment, else stay alone.
+
+    With no flags, JAX's own cluster detection decides (jax._src.clusters: SLURM steps, Open MPI,
+    GKE TPU jobs, Cloud TPU VMs and pods, Kubernetes Jobs with jax[k8s] installed), and
+    JAX_COORDINATOR_ADDRESS asks for a distributed run too. On a plain machine none of them is
+    present and the run stays one process, with no coordinator to wait for.
+    """
+    import os
+    from jax._src import clusters  # JAX's detectors; no public API tells whether one of them matches
+
     if coordinator is None and num_processes is None and process_id is None:
-        return
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
-    log.info("process %d of %d joined via %s; %d global devices", jax.process_index(),
-             jax.process_count(), coordinator, jax.device_count())
+        # The same walk jax.distributed.initialize() makes (mpi4py is opt-in there too).
+        detected = next((env.name or env.__name__ for env in clusters.ClusterEnv._cluster_types
+                         if not env.opt_in_only_method and env.is_env_present()), None)
+        if detected is None and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+            return
+        source = f"the {detected} environment" if detected else "JAX_COORDINATOR_ADDRESS"
+    else:
+        source = "--coordinator/--num-processes/--process-id"
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    except (ValueError, TypeError) as e:  # JAX checks the settings before it starts or joins anything
+        reason = str(e).rstrip(".")
+        raise ConfigError(f"cannot join a multi-process run from {source}: {reason}; give --coordinator "
+                          f"HOST:PORT, --num-processes N and --process-id I, or run under a scheduler JAX "
+                          f"detects (SLURM, Open MPI, a Cloud TPU VM or pod, a GKE TPU job)") from None
+    log.info("process %d of %d joined from %s; %d global devices", jax.process_index(),
+             jax.process_count(), source, jax.device_count())

@@ -1,0 +1,60 @@
+"""Evaluation: logits and true labels -> one report, the same for the training loop, `jaxclf evaluate` and Trainer.
+
+    report = evaluate_classifier(jaxclf.load("runs/default/model"), texts, labels)
+    report["accuracy"], report["macro_f1"], report["loss"], report["per_class"]["positive"]["f1"]
+
+The report is what a model directory's metrics.json records under "eval": the metrics of
+jaxclf.metrics.classification_report, the mean loss, and the distributions the server's drift
+monitor compares live traffic with (confidence_histogram, predicted_label_counts).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxclf.classifier import TextClassifier, softmax
+from jaxclf.metrics import classification_report, mean_cross_entropy
+from jaxclf.train import data, sharding
+
+CONFIDENCE_BINS = 10  # equal-width bins of the top-class probability over [0, 1]
+
+
+def evaluation_report(logits: np.ndarray, label_ids: Sequence[int], label_names: Sequence[str]) -> dict[str, Any]:
+    """The evaluation report of (N, C) logits against (N,) true label ids; JSON-ready."""
+    logits = np.asarray(logits, np.float32)
+    y = np.asarray(label_ids, np.int64)
+    if logits.shape != (len(y), len(label_names)):
+        raise ValueError(f"logits of shape {logits.shape} for {len(y)} labels and {len(label_names)} classes")
+    report = classification_report(y, logits.argmax(-1), label_names, loss=mean_cross_entropy(logits, y))
+    probs = softmax(logits.astype(np.float64))
+    report["confidence_histogram"] = np.histogram(probs.max(-1), bins=CONFIDENCE_BINS, range=(0, 1))[0].tolist()
+    report["predicted_label_counts"] = np.bincount(probs.argmax(-1), minlength=len(label_names)).tolist()
+    return report
+
+
+def evaluate_classifier(clf: TextClassifier, texts: Sequence[str], labels: Sequence[str], *,
+                        source: str | os.PathLike = "evaluation data", lines: Sequence[int] | None = None,
+                        batch_size: int = 64) -> dict[str, Any]:
+    """Evaluate a classifier on labelled texts; a label the model does not know is a DataError naming `source`."""
+    y = data.label_ids(labels, clf.labels, source, lines=lines)
+    return evaluation_report(clf.logits(list(texts), batch_size=batch_size), y, clf.labels)
+
+
+def sharded_logits(eval_step: Callable, params: Any, ds: data.TokenizedDataset, *, mesh,
+                   global_batch_size: int, buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, C), label ids (N,)) of every example of `ds` on host, computed by a jitted, sharded eval_step.
+
+    Every process runs every batch (the call is collective) and gets the same full result.
+    """
+    all_logits, all_labels, all_weights = [], [], []
+    for batch in data.eval_batches(ds, global_batch_size=global_batch_size, buckets=buckets, pad_id=pad_id,
+                                   process_index=jax.process_index(), process_count=jax.process_count()):
+        all_logits.append(np.asarray(eval_step(params, sharding.global_batch(batch, mesh))))
+        all_labels.append(sharding.gather_to_host(batch["labels"]))
+        all_weights.append(sharding.gather_to_host(batch["weights"]))
+    real = np.concatenate(all_weights) > 0  # the last batch's padding rows have weight 0
+    return np.concatenate(all_logits)[real], np.concatenate(all_labels)[real]
