@@ -109,10 +109,26 @@ class TextClassifier:
 
 def load(path: str | os.PathLike) -> TextClassifier:
     """Load a model directory (config.json, model.safetensors, tokenizer.json, metrics.json)."""
+    check_weight_shapes(path)
     config, tensors, tok, metrics = model_dir.read(path)
     model = create_model(config, seed=0)
     weights.load_torch_state(model, tensors, source=str(Path(path) / model_dir.WEIGHTS_FILE))
     return TextClassifier(model, tok, metrics)
+
+
+def check_weight_shapes(path: str | os.PathLike) -> None:
+    """The safetensors header against the shapes config.json implies, before anything is read or allocated.
+
+    create_model allocates what the config says (a vocab_size of 10**9 is 128 GB at d_model 32);
+    the file cannot be that large unnoticed, so its header is the check. WeightsError names the tensors.
+    """
+    d = model_dir.check_files(path)
+    weights_file = d / model_dir.WEIGHTS_FILE
+    try:
+        shapes = weights.file_shapes(weights_file)
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+        raise model_dir.ModelDirectoryError(f"{weights_file}: cannot be read as safetensors ({e})") from None
+    weights.check_shapes(shapes, weights.expected_shapes(model_dir.read_config(d)), source=str(weights_file))
 
 
 def create(config: ModelConfig, tokenizer: Tokenizer, seed: int = 0) -> TextClassifier:

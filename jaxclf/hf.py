@@ -537,11 +537,12 @@ def _label_names(labels: Sequence[str] | None, num_classes: int | None) -> tuple
 
 def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, labels: Sequence[str] | None = None,
               num_classes: int | None = None, max_length: int | None = None, seed: int = 0,
-              truncation_head: int | None = None) -> Path:
+              truncation_head: int | None = None, allow_regex_tokenizer: bool = False) -> Path:
     """Convert a HF BERT-family checkpoint directory (or a known name) into a jaxclf model directory.
 
     labels / num_classes: the classes of a fresh head; required when the checkpoint has no
     classifier; with a classifier of another size they replace it. seed: the fresh tensors' init.
+    allow_regex_tokenizer: accept a tokenizer with regex steps (see model_dir.check_tokenizer_regex).
     """
     labels = _label_names(labels, num_classes)
     root = resolve_hf_dir(hf_dir)
@@ -558,6 +559,10 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, labels: Sequ
     head = _choose_head(arch, st, hf, tensors, labels, root, source)
 
     tok, tok_cfg = read_tokenizer(directory, source)
+    try:
+        model_dir.check_tokenizer_regex(tok, allow_regex_tokenizer, source=str(directory / "tokenizer.json"))
+    except model_dir.ModelDirectoryError as e:
+        raise HFCheckpointError(str(e)) from None
     if st and st.lowercase:
         tok = _prepend_lowercase(tok)
     pad_id = _check_tokenizer(tok, tok_cfg, hf.get("pad_token_id"), source)

@@ -74,6 +74,61 @@ def check_files(model_dir: str | os.PathLike) -> Path:
     return d
 
 
+# Steps of a tokenizer.json whose pattern may be a regular expression (Oniguruma, backtracking): Split
+# pre-tokenizers and Replace normalizers. {"String": ...} patterns are literal and safe.
+REGEX_STEP_SECTIONS = ("normalizer", "pre_tokenizer")
+ALLOW_REGEX_HINT = ("allow_regex_tokenizer=True (serve: --allow-regex-tokenizer) if every text it will see "
+                    "is trusted")
+
+
+def regex_tokenizer_steps(tokenizer: Tokenizer | str | os.PathLike) -> list[str]:
+    """The regex steps of a tokenizer (a Tokenizer, or the path of a tokenizer.json), as "section Type /regex/".
+
+    Found anywhere inside its normalizer and pre-tokenizer, Sequence steps included; ModelDirectoryError
+    if a tokenizer.json cannot be parsed.
+    """
+    if isinstance(tokenizer, Tokenizer):
+        text, source = tokenizer.to_str(), "tokenizer"
+    else:
+        source = str(tokenizer)
+        text = Path(tokenizer).read_text(encoding="utf-8", errors="replace")
+    try:
+        state = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ModelDirectoryError(f"{source}: not valid JSON ({type(e).__name__})") from None
+    steps = []
+    stack = [(section, state.get(section)) for section in REGEX_STEP_SECTIONS] if isinstance(state, dict) else []
+    while stack:  # iterative: a file nested deeper than Python's recursion limit is just walked
+        section, item = stack.pop()
+        if isinstance(item, list):
+            stack.extend((section, child) for child in item)
+        elif isinstance(item, dict):
+            pattern = item.get("pattern")
+            if isinstance(pattern, dict) and "Regex" in pattern:
+                steps.append(f"{section} {item.get('type', '?')} /{str(pattern['Regex'])[:80]}/")
+            stack.extend((section, child) for key, child in item.items() if key != "pattern")
+    return sorted(steps)
+
+
+def check_tokenizer_regex(tokenizer: Tokenizer | str | os.PathLike, allow_regex_tokenizer: bool = False,
+                          source: str | None = None) -> None:
+    """Refuse (ModelDirectoryError) a tokenizer with regex Split/Replace steps unless explicitly allowed.
+
+    Such a regex runs on every text a server is sent, and a backtracking pattern can take minutes on
+    one crafted text or end in a Rust panic (e.g. "(a|aa)+$" on "a" * 40 + "b"). jaxclf's own and the
+    BERT-family tokenizers have none. Called where models come in: serving, registry register/import,
+    Hugging Face import.
+    """
+    if allow_regex_tokenizer:
+        return
+    steps = regex_tokenizer_steps(tokenizer)
+    if steps:
+        name = source or (str(tokenizer) if not isinstance(tokenizer, Tokenizer) else TOKENIZER_FILE)
+        raise ModelDirectoryError(
+            f"{name} has regular-expression step(s) ({'; '.join(steps[:4])}{'; ...' if len(steps) > 4 else ''}), "
+            f"which can run for minutes or crash on one crafted text; refused. Pass {ALLOW_REGEX_HINT}")
+
+
 def read(model_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer, dict]:
     """(config, PyTorch-named float32 tensors, raw tokenizer, metrics) of a model directory."""
     d = check_files(model_dir)

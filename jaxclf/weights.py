@@ -7,11 +7,13 @@ Linear kernels are transposed.
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import jax
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
 
 from jaxclf.config import ModelConfig
 from jaxclf.errors import JaxclfError
@@ -65,14 +67,26 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def file_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """PyTorch name -> shape from a safetensors file's header; no tensor is read."""
+    with safe_open(str(path), framework="numpy") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
 def check_tensors(tensors: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
                   source: str = "weights") -> None:
     """Raise WeightsError naming every missing, extra and misshapen tensor (key sets must match exactly)."""
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    check_shapes({name: tuple(np.shape(t)) for name, t in tensors.items()}, expected, source)
+
+
+def check_shapes(shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                 source: str = "weights") -> None:
+    """check_tensors on shapes alone (e.g. file_shapes: a check before anything is read or allocated)."""
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
     misshapen = sorted(
-        f"{k}: expected {tuple(expected[k])}, found {tuple(np.shape(tensors[k]))}"
-        for k in set(expected) & set(tensors) if tuple(np.shape(tensors[k])) != tuple(expected[k]))
+        f"{k}: expected {tuple(expected[k])}, found {tuple(shapes[k])}"
+        for k in set(expected) & set(shapes) if tuple(shapes[k]) != tuple(expected[k]))
     problems = []
     if missing:
         problems.append(f"missing tensor(s): {', '.join(missing)}")

@@ -202,7 +202,9 @@ def test_not_ready_and_failed_load_answer_503(tiny_model_dir, tmp_path):
     app = create_app(tmp_path / "missing")
     assert not app.extensions["jaxclf"].wait_ready(timeout=10)
     error = error_of(app.test_client().get("/ready"), 503)
-    assert error["code"] == "model_load_failed" and "missing" in error["message"]
+    # The cause names paths: it goes to the log (and load_error), never to clients (issue #12, finding 12).
+    assert error["code"] == "model_load_failed" and "missing" not in error["message"]
+    assert "missing" in app.extensions["jaxclf"].load_error
     assert app.test_client().get("/health").status_code == 503
 
 

@@ -104,9 +104,13 @@ def _check_tokenizer(path: Path, config: ModelConfig, source: str) -> None:
                             f"config.json's vocab_size is {config.vocab_size}")
 
 
-def check_version_files(directory: Path, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def check_version_files(directory: Path, source: str, allow_regex_tokenizer: bool = False,
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config.json, metrics.json or {}) of a staged version, after checking that every file is what its
-    name says; RegistryError naming `source` (the model directory or archive) otherwise."""
+    name says; RegistryError naming `source` (the model directory or archive) otherwise.
+
+    A tokenizer with regex steps is refused unless allow_regex_tokenizer (model_dir.check_tokenizer_regex).
+    """
     config_data = parse_json((directory / model_dir.CONFIG_FILE).read_bytes(), f"{source}: {model_dir.CONFIG_FILE}")
     try:
         config = model_dir.read_config(directory)
@@ -114,6 +118,11 @@ def check_version_files(directory: Path, source: str) -> tuple[dict[str, Any], d
         raise RegistryError(f"{source}: not a valid model: {str(e).replace(f'{directory}{os.sep}', '')}") from None
     check_shapes(tensor_shapes(directory / model_dir.WEIGHTS_FILE, source), config, source)
     _check_tokenizer(directory / model_dir.TOKENIZER_FILE, config, source)
+    try:
+        model_dir.check_tokenizer_regex(directory / model_dir.TOKENIZER_FILE, allow_regex_tokenizer,
+                                        source=f"{source}: {model_dir.TOKENIZER_FILE}")
+    except model_dir.ModelDirectoryError as e:
+        raise RegistryError(str(e)) from None
     metrics_file = directory / model_dir.METRICS_FILE
     metrics = parse_json(metrics_file.read_bytes(), f"{source}: {model_dir.METRICS_FILE}") \
         if metrics_file.is_file() else {}

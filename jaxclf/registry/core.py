@@ -182,11 +182,13 @@ class Registry:
     # --- registering -----------------------------------------------------------------------------
 
     def register(self, source_dir: str | os.PathLike, name: str, description: str = "",
-                 tags: Mapping[str, str] | None = None, parent: str | None = None) -> ModelVersion:
+                 tags: Mapping[str, str] | None = None, parent: str | None = None,
+                 allow_regex_tokenizer: bool = False) -> ModelVersion:
         """Copy a model directory in as the next version of `name`; returns it.
 
         parent: NAME@VERSION this model was derived from; by default the registered version whose
         content matches the model directory named by metrics.json's training_config.init_from.
+        allow_regex_tokenizer: accept a tokenizer with regex steps (see model_dir.check_tokenizer_regex).
         """
         self._check_writable(f"register {source_dir}")
         check_name(name)
@@ -207,7 +209,7 @@ class Registry:
                 with open(src / f, "rb") as source:
                     files[f] = write_hashed(source, staged / f)
             # checked as copied, so what is committed is what was checked, whatever happens to src meanwhile
-            config, metrics = check_version_files(staged, f"cannot register {src}")
+            config, metrics = check_version_files(staged, f"cannot register {src}", allow_regex_tokenizer)
             parent_version, parent_source = ((explicit_parent, "explicit") if explicit_parent
                                              else self._parent_from_init(metrics))
             metadata = {"metrics": metrics, "config": config, "data_fingerprint": data_fingerprint(metrics),
@@ -326,10 +328,12 @@ class Registry:
         return archives.write_archive(self.checked(ref), archive)
 
     def import_archive(self, archive: str | os.PathLike, name: str | None = None,
-                       limits: archives.ImportLimits | None = None) -> ModelVersion:
+                       limits: archives.ImportLimits | None = None,
+                       allow_regex_tokenizer: bool = False) -> ModelVersion:
         """Register the version in an export archive as the next version of its name (or `name`).
 
         limits: the sizes the archive may unpack to (archive.ImportLimits; its defaults when None).
+        allow_regex_tokenizer: accept a tokenizer with regex steps (see model_dir.check_tokenizer_regex).
         """
         self._check_writable(f"import {archive}")
         path = Path(archive)
@@ -342,7 +346,7 @@ class Registry:
             manifest, files = archives.read_archive(path, staged, limits)
             target_name = check_name(name or manifest.get("name"))
             archives.check_contents(path, manifest, files)
-            config, metrics = check_version_files(staged, str(path))
+            config, metrics = check_version_files(staged, str(path), allow_regex_tokenizer)
             parent = None
             parent_hash = manifest.get("parent_content_hash")
             if isinstance(parent_hash, str):

@@ -11,7 +11,9 @@ From a model registry (jaxclf registry ...), with a reload endpoint and an A/B s
     python -m jaxclf.serve --registry /srv/reg --ab sentiment@production=0.9,sentiment@staging=0.1
 
 The model loads after the socket listens; /ready turns 200 once every bucket is compiled.
-SIGTERM (or Ctrl-C) stops accepting, finishes requests in flight and exits 0.
+SIGTERM (or Ctrl-C): /ready turns 503 and requests are still served for --pre-drain-s seconds (match
+a Kubernetes preStop delay), then it stops accepting, finishes requests in flight and exits 0, all
+within --shutdown-timeout-s. Behind a load balancer, --trusted-proxies lets the rate limit see clients.
 Scale out with more processes or replicas, each with its own model; never fork this one.
 The inference and HTTP flags are the fields of EngineConfig and ServeConfig (jaxclf.serve.config).
 """
@@ -22,6 +24,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from jaxclf.cli.flags import add_config_arguments, given_fields
 from jaxclf.errors import JaxclfError
@@ -84,8 +87,9 @@ def model_source(args: argparse.Namespace, engine: EngineConfig):
     else:
         source = RegistrySource(args.registry, parse_split(args.ab) if args.ab else [(args.model, 1.0)])
         paths = [target.path for target in source.resolve()]
-    for path in paths:  # a length bucket past a model's maximum would fail only after listening
+    for path in paths:  # a length bucket past a model's maximum, or a regex tokenizer, would fail only after listening
         model_length_buckets(engine.length_buckets, model_dir.read_config(path).max_position_embeddings)
+        model_dir.check_tokenizer_regex(Path(path) / model_dir.TOKENIZER_FILE, engine.allow_regex_tokenizer)
     return source
 
 

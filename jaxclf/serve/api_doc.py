@@ -40,6 +40,7 @@ def _schema_block(schema: dict[str, Any]) -> list[str]:
 
 def render() -> str:
     """The whole page, Markdown."""
+    from jaxclf.serve.prometheus import METRICS
     from jaxclf.serve.routes import ENDPOINTS  # Flask: only when rendering
 
     limits = ServeConfig()
@@ -65,6 +66,11 @@ def render() -> str:
         errors = [(s, r["description"]) for s, r in operation["responses"].items() if s != "200"]
         if errors:
             lines += ["", "| status | when |", "|---|---|"] + [f"| {s} | {text} |" for s, text in errors]
+    lines += ["", "## Metrics", "",
+              "`GET /metrics` in the Prometheus text format (`jaxclf.serve.prometheus.METRICS`; a test checks "
+              "it against a live server). Labels take values from fixed sets only.", "",
+              "| metric | labels | what it measures |", "|---|---|---|"]
+    lines += [f"| `{name}` | {labels or '-'} | {text} |" for name, labels, text in METRICS]
     lines += ["", "## Schemas", ""]
     for name, schema in document["components"]["schemas"].items():
         lines += [f"### {name}", ""] + _schema_block(schema) + [""]

@@ -179,7 +179,8 @@ def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 ERROR_REASONS = {
-    400: "malformed JSON, wrong type or unknown field (the message names the field)",
+    400: "malformed JSON, wrong type, unknown field or a bad routing key (key_too_long, empty_key; the message "
+         "names the field)",
     401: "no 'Authorization: Bearer <token>' header", 403: "wrong admin token",
     404: "admin endpoints are off (no admin token configured)",
     409: "reload refused: the source cannot be resolved, or a reload is already running",

@@ -65,16 +65,27 @@ class Batcher:
 
     # --- callers ---------------------------------------------------------------------------------
 
+    def check_room(self, count: int) -> None:
+        """QueueFullError / EngineClosedError now if `count` more texts would be refused.
+
+        For callers to refuse before the costly part (tokenizing); enqueue() checks again, atomically.
+        """
+        with self._cond:
+            self._check_room_locked(count)
+
+    def _check_room_locked(self, count: int) -> None:
+        if self.closing:
+            raise EngineClosedError("the inference engine is shutting down; retry on another replica")
+        if len(self._queue) + count > self.max_queue_size:
+            self._rejected += count
+            raise QueueFullError(
+                f"request queue is full ({len(self._queue)} of max_queue_size={self.max_queue_size} "
+                f"queued, {count} more asked for); retry shortly")
+
     def enqueue(self, items: Sequence[QueuedText]) -> None:
         """All or nothing: every item is queued, or QueueFullError / EngineClosedError and none is."""
         with self._cond:
-            if self.closing:
-                raise EngineClosedError("the inference engine is shutting down; retry on another replica")
-            if len(self._queue) + len(items) > self.max_queue_size:
-                self._rejected += len(items)
-                raise QueueFullError(
-                    f"request queue is full ({len(self._queue)} of max_queue_size={self.max_queue_size} "
-                    f"queued, {len(items)} more asked for); retry shortly")
+            self._check_room_locked(len(items))
             self._queue.extend(items)
             self._cond.notify_all()
 

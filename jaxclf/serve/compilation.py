@@ -11,6 +11,7 @@ compile is blamed on an engine (`record_stray_compile`) only when one of its req
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import logging
 import os
 import threading
@@ -85,6 +86,19 @@ def enable_compilation_cache(path: str | os.PathLike) -> None:
         compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def release_free_memory() -> bool:
+    """Hand memory glibc malloc holds but no longer uses back to the OS (malloc_trim); False off glibc.
+
+    Compiling the buckets frees a few hundred MiB of temporaries (MLIR modules, LLVM state) into
+    malloc's arenas, which keep it resident. Measured on the benchmark model (4 layers, d256, 36
+    buckets): 670 -> 540 MiB RSS right after compiling.
+    """
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):  # musl, macOS: no malloc_trim, nothing to do
+        return False
 
 
 def _forward_program(graphdef: Any, treedef: Any, weight_specs: list, max_length: int):

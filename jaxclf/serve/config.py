@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from jaxclf.config import ConfigError
+from jaxclf.serve.limits import proxy_networks
 from jaxclf.serve.planning import check_buckets
 
 DEVICES = ("auto", "cpu", "gpu", "cuda", "tpu")  # "cuda" is JAX's name for NVIDIA GPUs
@@ -64,19 +65,22 @@ class EngineConfig:
     length_buckets: tuple[int, ...] | None = None  # sequence lengths to compile; none: the model's own up to its max
     max_wait_ms: float = 0.0  # longest wait for a batch to fill; 0 runs what queued during the previous call
     max_queue_size: int = 256  # texts waiting before a submission is refused (HTTP 503 queue_full)
-    cache_size: int = 1000  # entries of the (model version, text) LRU result cache; 0 turns it off
+    cache_size: int = 1000  # entries of the (model version, text hash) LRU result cache; 0 turns it off
+    cache_max_bytes: int = 16 << 20  # memory the result cache may hold, in bytes (whichever bound comes first)
     request_timeout_s: float = 10.0  # a text not started by then is dropped unrun (HTTP 503)
     batching: bool = True  # false runs every call alone in the caller's thread (for comparisons)
     batch_workers: int = 2  # batcher threads: one gathers the next batch while another runs
     compilation_cache_dir: str | None = dataclasses.field(default_factory=default_compilation_cache_dir, metadata={
         "help": "persistent XLA cache (a process-wide JAX setting): restarts load instead of compiling",
         "off_flag": "--no-compilation-cache"})
+    # A regex Split/Replace step in tokenizer.json can backtrack for minutes, or panic, on one crafted text.
+    allow_regex_tokenizer: bool = False  # serve a model whose tokenizer.json has regex steps (trusted text only)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         _positive(self, "max_batch_size", "max_queue_size", "batch_workers")
-        _positive(self, "cache_size", allow_zero=True)
+        _positive(self, "cache_size", "cache_max_bytes", allow_zero=True)
         _positive(self, "max_wait_ms", allow_zero=True, integer=False)
         _positive(self, "request_timeout_s", integer=False)
         if self.batch_buckets is not None:
@@ -95,27 +99,39 @@ class ServeConfig:
     host: str = "127.0.0.1"  # address to listen on (0.0.0.0 for every interface)
     port: int = 8000  # port to listen on; 0 picks a free one
     threads: int = 16  # waitress worker threads: requests handled at once
-    max_body_bytes: int = 1 << 20  # largest request body, in bytes
+    max_body_bytes: int = 1 << 20  # largest request body, in bytes (refused by waitress before it is buffered)
+    max_header_bytes: int = 32 << 10  # largest request line plus headers, in bytes (waitress answers 431 past it)
+    connection_limit: int = 100  # open client connections; waitress stops accepting past it
+    channel_timeout_s: float = 60.0  # an idle or stalled connection is closed after this long
     max_texts: int = 64  # most texts in one /predict/batch request
     max_chars: int = 10_000  # most characters per text (the tokenizer cuts at the model's limit anyway)
-    rate_limit: float | None = None  # requests/s per client IP; none: no limit
+    rate_limit: float | None = None  # requests/s per client IP (IPv6: per /64); none: no limit
     rate_burst: int | None = None  # burst size of the rate limit; none: one second's worth
+    trusted_proxies: tuple[str, ...] = ()  # proxy addresses or networks whose X-Forwarded-For names the client
     cors_origins: tuple[str, ...] = ()  # origins a browser may call from ('*': any); none by default
     drift_window: int = 1000  # live predictions compared with the eval distributions in metrics.json
     drift_threshold: float = 0.2  # population stability index past which a drift warning is logged
     drift_min_samples: int = 100  # predictions before a PSI is reported (small samples are noisy)
-    shutdown_timeout_s: float = 30.0  # longest wait for requests in flight after SIGTERM
+    # Kubernetes sends SIGTERM when it starts removing a pod from its Service; the load balancers hear of
+    # it later. Until then requests keep coming: serve them, with /ready already 503.
+    pre_drain_s: float = 0.0  # after SIGTERM: keep listening and serving this long (/ready 503), then drain
+    shutdown_timeout_s: float = 25.0  # most seconds from SIGTERM to exit, pre-drain included (< k8s' 30 s)
     admin_token: str | None = dataclasses.field(default=None, repr=False, metadata={
         "help": "turns on POST /admin/reload for 'Authorization: Bearer <token>' (prefer $JAXCLF_ADMIN_TOKEN: "
                 "arguments show in ps)"})
 
     def __post_init__(self) -> None:
-        _positive(self, "threads", "max_body_bytes", "max_texts", "max_chars", "drift_window", "drift_min_samples")
+        _positive(self, "threads", "max_body_bytes", "max_header_bytes", "connection_limit", "max_texts",
+                  "max_chars", "drift_window", "drift_min_samples")
+        _positive(self, "channel_timeout_s", integer=False)
         _positive(self, "port", allow_zero=True)
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
         _positive(self, "drift_threshold", integer=False)
-        _positive(self, "shutdown_timeout_s", allow_zero=True, integer=False)
+        _positive(self, "shutdown_timeout_s", "pre_drain_s", allow_zero=True, integer=False)
+        if self.pre_drain_s and self.pre_drain_s >= self.shutdown_timeout_s:
+            raise ConfigError(f"pre_drain_s={self.pre_drain_s:g} must be shorter than shutdown_timeout_s="
+                              f"{self.shutdown_timeout_s:g}, the whole shutdown, which includes it")
         if self.rate_limit is not None:
             _positive(self, "rate_limit", integer=False)
         if self.rate_burst is not None:
@@ -123,5 +139,9 @@ class ServeConfig:
         if isinstance(self.cors_origins, str):
             raise ConfigError(f"cors_origins must be a list of origins, got the string {self.cors_origins!r}")
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        if isinstance(self.trusted_proxies, str):
+            raise ConfigError(f"trusted_proxies must be a list of addresses, got the string {self.trusted_proxies!r}")
+        object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
+        proxy_networks(self.trusted_proxies)  # a typo fails here, with the entry named
         if self.admin_token is not None and not self.admin_token.strip():
             raise ConfigError("admin_token must not be empty; leave it unset to turn /admin endpoints off")

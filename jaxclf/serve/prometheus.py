@@ -1,17 +1,21 @@
-"""Prometheus metrics of one app: request, batch and prediction series, plus the engines' own counters.
+"""Prometheus metrics of one app: request, batch and prediction series, the engines' own counters, and
+the process's resources.
 
 Each app has its own CollectorRegistry, so many apps can live in one process (tests do). The
 engine counters (cache, compilations, queue, drift) are read at scrape time by EngineCollector
-from whatever model slot the service holds then.
+from whatever model slot the service holds then; the resource metrics by prometheus-client's
+process and platform collectors and jaxclf.serve.resources. METRICS documents every family (a
+test checks it against a live /metrics; docs/api.md prints it).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
+from jaxclf.serve.resources import ResourceCollector
 from jaxclf.serve.results import BatchRecord
 
 if TYPE_CHECKING:
@@ -19,6 +23,48 @@ if TYPE_CHECKING:
     from jaxclf.serve.slot import Arm
 
 LATENCY_BUCKETS_S = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+
+# Every metric family /metrics may carry: (name as exposed, labels, what it means). Counters end in _total.
+METRICS = (
+    ("jaxclf_http_requests_total", "endpoint, method, status",
+     "HTTP requests answered; endpoint is the route rule and method a method the app serves, anything else "
+     "\"other\" (so labels stay bounded); requests waitress refused itself (413 body, 431 headers, 400 "
+     "malformed) count as endpoint=\"other\""),
+    ("jaxclf_http_request_duration_seconds", "endpoint", "request latency (histogram)"),
+    ("jaxclf_queue_wait_seconds", "version", "enqueue to the start of its batch (histogram)"),
+    ("jaxclf_batch_size", "version", "requests per compiled call (histogram)"),
+    ("jaxclf_batch_run_seconds", "version", "wall time of one compiled call (histogram)"),
+    ("jaxclf_inference_duration_seconds", "version", "time a request spent in its model version (histogram)"),
+    ("jaxclf_predictions_total", "version, label", "predictions returned"),
+    ("jaxclf_prediction_confidence", "version", "confidence of returned predictions (histogram)"),
+    ("jaxclf_ready", "", "1 once every bucket is compiled"),
+    ("jaxclf_cache_hits_total", "version", "result cache hits"),
+    ("jaxclf_cache_misses_total", "version", "result cache misses"),
+    ("jaxclf_compilations_total", "version, kind", "XLA compilations: aot at start-up; request = triggered by a "
+                                                   "request (must stay 0)"),
+    ("jaxclf_queue_depth", "version", "texts waiting for the batcher"),
+    ("jaxclf_rejected_queue_full_total", "version", "texts refused because the queue was full"),
+    ("jaxclf_dropped_deadline_total", "version", "texts dropped unrun after their deadline"),
+    ("jaxclf_startup_seconds", "version", "model load plus AOT compilation time"),
+    ("jaxclf_traffic_weight", "version", "share of the traffic sent to each version"),
+    ("jaxclf_model_info", "version, labels, ref", "the models being served"),
+    ("jaxclf_drift_psi", "version, kind", "population stability index of live predictions against the eval "
+                                          "distributions in metrics.json (after drift_min_samples)"),
+    ("jaxclf_drift_window_predictions", "version", "live predictions in the drift window"),
+    ("process_cpu_seconds_total", "", "user + system CPU time of the process"),
+    ("process_resident_memory_bytes", "", "resident memory (RSS)"),
+    ("process_virtual_memory_bytes", "", "virtual memory size"),
+    ("process_open_fds", "", "open file descriptors"),
+    ("process_max_fds", "", "the file-descriptor limit"),
+    ("process_start_time_seconds", "", "start time, seconds since the Unix epoch"),
+    ("python_info", "implementation, major, minor, patchlevel, version", "the Python running the server"),
+    ("jaxclf_process_threads", "", "OS threads of the process, XLA's included"),
+    ("jaxclf_compilation_cache_lookups_total", "result", "persistent XLA cache since start: hit = an executable "
+                                                         "loaded instead of compiled, miss = compiled and written"),
+    ("jaxclf_device_memory_in_use_bytes", "device, platform", "accelerator memory in use (GPU/TPU; absent on CPU)"),
+    ("jaxclf_device_memory_peak_bytes", "device, platform", "peak accelerator memory in use (GPU/TPU)"),
+    ("jaxclf_device_memory_limit_bytes", "device, platform", "accelerator memory the process may use (GPU/TPU)"),
+)
 
 
 class ServiceMetrics:
@@ -46,6 +92,9 @@ class ServiceMetrics:
                                     ["version"], registry=r,
                                     buckets=(.1, .2, .3, .4, .5, .6, .7, .8, .9, .95, .99, 1.0))
         r.register(EngineCollector(service))
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(ResourceCollector(lambda: [engine.device for engine in service.engines()]))
 
     def observe_batch(self, record: BatchRecord, version: str) -> None:
         self.batch_size.labels(version).observe(record.size)

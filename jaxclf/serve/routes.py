@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any, Callable, Mapping
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import jaxclf
@@ -30,6 +30,13 @@ _ENGINE_ERRORS = ((QueueFullError, 503, "queue_full", True), (DeadlineExceeded, 
 # Which schema violation answers which status and code; anything else is 400 invalid_request.
 _VIOLATIONS = {"maxLength": (413, "text_too_long"), "maxItems": (413, "too_many_texts"),
                "minLength": (422, "empty_text"), "minItems": (422, "empty_list")}
+# The routing key is not a text: its own codes ((field, keyword) -> status, code).
+_FIELD_VIOLATIONS = {("key", "maxLength"): (400, "key_too_long"), ("key", "minLength"): (400, "empty_key"),
+                     ("key", "type"): (400, "invalid_key")}
+# metrics.json keys whose values are file paths of the machine that trained or imported the model
+# (TrainingConfig's output_dir, train_file, eval_file, init_from; the HF import's hf_dir): never
+# sent to unauthenticated clients (they reveal the training host's layout).
+PATH_KEYS = frozenset({"output_dir", "train_file", "eval_file", "init_from", "hf_dir"})
 
 
 def json_body(schema: dict[str, Any]) -> Any:
@@ -49,9 +56,33 @@ def json_body(schema: dict[str, Any]) -> Any:
         raise ApiError(400, "invalid_json", f"request body cannot be parsed: {e}") from None
     violation = api_schema.validate(body, schema)
     if violation is not None:
-        status, code = _VIOLATIONS.get(violation.keyword, (400, "invalid_request"))
+        status, code = _FIELD_VIOLATIONS.get((violation.field, violation.keyword)) or _VIOLATIONS.get(
+            violation.keyword, (400, "invalid_request"))
         raise ApiError(status, code, violation.message)
     return body
+
+
+def request_key(body: Mapping[str, Any]) -> str | None:
+    """The routing key: the body's "key" (already checked by its schema) or the X-Request-Key header."""
+    if "key" in body:
+        return body["key"]
+    key = request.headers.get("X-Request-Key") or None  # an empty header is no key
+    if key is not None:
+        violation = api_schema.validate(key, api_schema.KEY_SCHEMA, "X-Request-Key")
+        if violation is not None:
+            status, code = _FIELD_VIOLATIONS.get(("key", violation.keyword), (400, "invalid_key"))
+            raise ApiError(status, code, violation.message.replace("field 'X-Request-Key'",
+                                                                   "header X-Request-Key"))
+    return key
+
+
+def public_metrics(value: Any) -> Any:
+    """metrics.json without the PATH_KEYS entries, at any depth."""
+    if isinstance(value, dict):
+        return {k: public_metrics(v) for k, v in value.items() if k not in PATH_KEYS}
+    if isinstance(value, list):
+        return [public_metrics(v) for v in value]
+    return value
 
 
 def _predict(engine: InferenceEngine, texts: list[str]) -> list[dict[str, Any]]:
@@ -59,13 +90,18 @@ def _predict(engine: InferenceEngine, texts: list[str]) -> list[dict[str, Any]]:
         results = engine.predict_batch(texts).results
     except InferenceError as e:
         status, code, retry = next((s, c, r) for kind, s, c, r in _ENGINE_ERRORS if isinstance(e, kind))
-        raise ApiError(status, code, str(e), retry_after=RETRY_AFTER_S if retry else None) from None
+        message = str(e)
+        if status >= 500 and not retry:  # a failure to look into: log it, and let the client quote its id
+            request_id = g.get("request_id", "?")
+            current_app.logger.error("inference failed (request id %s): %s", request_id, message)
+            message = f"{message} (request id {request_id})"
+        raise ApiError(status, code, message, retry_after=RETRY_AFTER_S if retry else None) from None
     return [r.to_dict() for r in results]
 
 
 def _classify(service: Service, texts: list[str], body: Mapping[str, Any]) -> tuple[Arm, list[dict[str, Any]]]:
     """Lease the slot once, pick the version by the request key, predict, record."""
-    key = body.get("key", request.headers.get("X-Request-Key"))
+    key = request_key(body)
     with service.lease() as slot:
         arm = slot.pick(key)
         started = time.perf_counter()
@@ -86,8 +122,8 @@ def index(service: Service) -> Response:
 
 
 def health(service: Service) -> Response:
-    if service.load_error is not None:
-        raise ApiError(503, "model_load_failed", service.load_error)
+    if service.load_error is not None:  # the cause (paths, exception text) is in the server log only
+        raise service.not_ready()
     return json_response({"status": "ok"})
 
 
@@ -106,12 +142,13 @@ def model_info(service: Service) -> Response:
     serving = {"batching": engine.batching, "max_batch_size": engine.max_batch_size,
                "max_wait_ms": engine.max_wait_s * 1000, "max_queue_size": engine.max_queue_size,
                "batch_buckets": list(engine.batch_buckets), "length_buckets": list(engine.length_buckets),
-               "cache_size": engine.cache.capacity, "request_timeout_s": engine.request_timeout_s,
+               "cache_size": engine.cache.capacity, "cache_max_bytes": engine.cache.max_bytes,
+               "request_timeout_s": engine.request_timeout_s,
                "device": str(engine.device), "compilations": engine.compilations,
                "startup_seconds": engine.startup_seconds, "max_texts": service.max_texts,
                "max_chars": service.max_chars, "max_body_bytes": service.max_body_bytes}
     return json_response({"model_version": engine.version, "labels": engine.labels,
-                          "config": engine.config.to_dict(), "metrics": engine.classifier.metrics,
+                          "config": engine.config.to_dict(), "metrics": public_metrics(engine.classifier.metrics),
                           "serving": serving, "model_versions": service.slot.describe()})
 
 
@@ -174,14 +211,26 @@ ENDPOINTS = (
 )
 
 
+class NativePanic(RuntimeError):
+    """A BaseException from native code (pyo3's PanicException: a Rust panic, e.g. in `tokenizers`), made an
+    ordinary error so Flask answers it (JSON 500 with the request id) instead of leaving the client hanging."""
+
+
 def _view(endpoint: Endpoint) -> Callable[[], Response]:
     """The Flask view of `endpoint`: finds the app's Service and, if declared, reads and checks the body."""
     def view() -> Response:
         service: Service = current_app.extensions["jaxclf"]
-        if endpoint.request is None:
-            return endpoint.handler(service)
-        schema = api_schema.components(service.max_texts, service.max_chars)[endpoint.request]
-        return endpoint.handler(service, json_body(schema))
+        try:
+            if endpoint.request is None:
+                return endpoint.handler(service)
+            schema = api_schema.components(service.max_texts, service.max_chars)[endpoint.request]
+            return endpoint.handler(service, json_body(schema))
+        except Exception:
+            raise
+        except BaseException as e:
+            if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            raise NativePanic(f"{type(e).__name__}: {e}") from e
 
     view.__name__ = endpoint.handler.__name__
     return view

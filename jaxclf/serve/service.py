@@ -17,16 +17,20 @@ import time
 from typing import Any
 
 from jaxclf.serve import monitoring
+from jaxclf.serve.access import OTHER, loggable
 from jaxclf.serve.config import EngineConfig, ServeConfig
 from jaxclf.serve.engine import InferenceEngine
-from jaxclf.serve.limits import TokenBucketLimiter
+from jaxclf.serve.limits import TokenBucketLimiter, proxy_networks
 from jaxclf.serve.prometheus import ServiceMetrics
 from jaxclf.serve.responses import RETRY_AFTER_S, ApiError
 from jaxclf.serve.slot import Arm, DirectorySource, ModelSlot, ModelSource, Target
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("jaxclf.access")
 
 RETIRE_TIMEOUT_S = 60.0  # longest wait for requests on a replaced model before its engine is closed anyway
+# What a client is told when the model failed to load; the cause (paths, exception text) goes to the log only.
+LOAD_FAILED_MESSAGE = "the model failed to load; the server log has the cause"
 
 
 class Service:
@@ -41,9 +45,10 @@ class Service:
         self.limiter = (TokenBucketLimiter(serve_config.rate_limit, serve_config.rate_burst)
                         if serve_config.rate_limit else None)
         self.cors_origins = frozenset(serve_config.cors_origins)
+        self.trusted_proxies = proxy_networks(serve_config.trusted_proxies)
         self.metrics = ServiceMetrics(self)
         self.slot: ModelSlot | None = None  # replaced whole, never mutated: read it once per request
-        self.load_error: str | None = None
+        self.load_error: str | None = None  # for the log and the operator, never sent to clients
         self.draining = False  # set on SIGTERM: /ready turns 503 so load balancers stop routing here
         self._loader: threading.Thread | None = None
         self._lock = threading.Lock()  # start_loading
@@ -53,7 +58,7 @@ class Service:
         if isinstance(model, InferenceEngine):
             self.source: ModelSource | None = None  # nothing to reload from
             self.model_path = model.model_path
-            target = Target(model.version, model.model_path, 1.0, str(model.model_path))
+            target = Target(model.version, model.model_path, 1.0, model.model_path.name)
             self._install(self._build_slot([target], given=model))
         elif isinstance(model, (str, os.PathLike)):
             self.source = DirectorySource(model)
@@ -73,6 +78,11 @@ class Service:
         """The engine of the primary (largest-share) version, once loaded."""
         slot = self.slot
         return slot.primary.engine if slot is not None else None
+
+    def engines(self) -> list[InferenceEngine]:
+        """The engines being served now (none while loading)."""
+        slot = self.slot
+        return slot.engines if slot is not None else []
 
     # --- loading -------------------------------------------------------------------------------
 
@@ -146,10 +156,14 @@ class Service:
         engine = self.engine
         if engine is not None:
             return engine
+        raise self.not_ready()
+
+    def not_ready(self) -> ApiError:
+        """The 503 (always with Retry-After) for a request that found no model: still loading, or failed."""
         if self.load_error is not None:
-            raise ApiError(503, "model_load_failed", self.load_error)
-        raise ApiError(503, "not_ready", "the model is still loading and compiling; retry shortly",
-                       retry_after=RETRY_AFTER_S)
+            return ApiError(503, "model_load_failed", LOAD_FAILED_MESSAGE, retry_after=RETRY_AFTER_S)
+        return ApiError(503, "not_ready", "the model is still loading and compiling; retry shortly",
+                        retry_after=RETRY_AFTER_S)
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -160,12 +174,17 @@ class Service:
             slot = self.slot
             if slot is not None:
                 slot.enter()
-        if slot is None:
-            self.ready_engine()  # raises the right 503
+        if slot is None:  # decided on this snapshot: the loader may install a slot right now
+            raise self.not_ready()
         try:
             yield slot
         finally:
             slot.exit()
+
+    def record_refusal(self, status: int, peer: str | None, code: str) -> None:
+        """Count and log a request the WSGI server refused before the app saw it (413, 431, 400)."""
+        self.metrics.requests.labels(OTHER, OTHER, str(status)).inc()
+        access_logger.info('%s "(refused by the server: %s)" %d', loggable(peer, 64), code, status)
 
     def observe(self, arm: Arm, results: list[dict[str, Any]]) -> None:
         self.metrics.observe_predictions(results, arm.target.version)
@@ -202,7 +221,7 @@ class Service:
     def _reload_locked(self) -> dict[str, Any]:
         current = self.slot
         if current is None:
-            self.ready_engine()
+            raise self.not_ready()
         started = time.perf_counter()
         try:
             targets = self.source.resolve()
@@ -245,20 +264,30 @@ class Service:
         thread.start()
         self._retiring = [t for t in self._retiring if t.is_alive()] + [thread]
 
-    def close(self) -> None:
-        """Close every engine, after a load (up to shutdown_timeout_s) or retirement in progress has finished.
+    def close(self, deadline: float | None = None) -> bool:
+        """Close every engine, after a load or retirement in progress has finished, all by `deadline`
+        (time.monotonic(); default shutdown_timeout_s from now). True if everything stopped in time.
 
-        A loader still compiling must be waited for: a process that exits while a thread is inside
-        an XLA compile aborts (SIGABRT) instead of exiting 0.
+        A loader still compiling is waited for: a process that exits normally while a thread is
+        inside an XLA compile aborts (SIGABRT); past the deadline the caller must exit hard (os._exit).
         """
+        if deadline is None:
+            deadline = time.monotonic() + self.serve_config.shutdown_timeout_s
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        stopped = True
         if self._loader is not None:
-            self._loader.join(self.serve_config.shutdown_timeout_s)
+            self._loader.join(left())
             if self._loader.is_alive():
-                logger.warning("the model is still loading after shutdown_timeout_s=%.0fs; exiting anyway",
-                               self.serve_config.shutdown_timeout_s)
+                logger.warning("the model is still loading at the shutdown deadline; exiting anyway")
+                stopped = False
         for thread in self._retiring:
-            thread.join(RETIRE_TIMEOUT_S)
+            thread.join(left())
+            stopped = stopped and not thread.is_alive()
         slot = self.slot
         if slot is not None:
             for engine in slot.engines:
-                engine.close()
+                engine.close(timeout=left())
+        return stopped

@@ -38,7 +38,9 @@ class Target:
     version: str  # reported as model_version: NAME@vN from a registry, else a content hash
     path: Path  # the model directory to load
     weight: float  # share of the traffic; the weights of a slot sum to 1
-    ref: str  # what was configured: a registry reference such as sentiment@production, or the directory
+    # What was configured, as clients may see it: a registry reference such as sentiment@production, or the
+    # model directory's name (never its path: the public endpoints and /metrics show this).
+    ref: str
 
 
 class ModelSource(Protocol):
@@ -57,7 +59,7 @@ class DirectorySource:
 
     def resolve(self) -> list[Target]:
         from jaxclf.serve.engine import model_version
-        return [Target(self.version or model_version(self.path), self.path, 1.0, str(self.path))]
+        return [Target(self.version or model_version(self.path), self.path, 1.0, self.path.name)]
 
     def describe(self) -> str:
         return str(self.path)
