@@ -16,6 +16,8 @@ configs through it) and `import jaxclf` costs nothing.
 
 __version__ = "0.1.0"
 
+from jaxclf.lazy import lazy_exports  # noqa: E402
+
 _LAZY = {
     # the model contract
     "load": "jaxclf.classifier",
@@ -45,11 +47,5 @@ _LAZY = {
     "create_app": "jaxclf.serve.app",
 }
 
-__all__ = ["__version__", *_LAZY]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'jaxclf' has no attribute {name!r}")
+__getattr__, _names = lazy_exports(__name__, _LAZY)
+__all__ = ["__version__", *_names]

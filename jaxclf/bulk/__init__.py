@@ -16,7 +16,7 @@
 Imported lazily, so `jaxclf predict --help` answers without loading JAX.
 """
 
-import importlib
+from jaxclf.lazy import lazy_exports
 
 _LAZY = {
     "BulkConfig": "jaxclf.bulk.spec",
@@ -25,10 +25,4 @@ _LAZY = {
     "read_predictions": "jaxclf.bulk.writer",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'jaxclf.bulk' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _LAZY)

@@ -9,7 +9,7 @@
 Imported lazily, so `python -m jaxclf.serve --help` answers without loading JAX.
 """
 
-import importlib
+from jaxclf.lazy import lazy_exports
 
 _LAZY = {
     "InferenceEngine": "jaxclf.serve.engine",
@@ -24,10 +24,4 @@ _LAZY = {
     "main": "jaxclf.serve.__main__",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'jaxclf.serve' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _LAZY)

@@ -17,7 +17,7 @@ flops (MFU), presets (named configurations). The configs themselves live in jaxc
 Imported lazily: `jaxclf.train.data` or `jaxclf.train.presets` must not pull in Flax, the model or the loop.
 """
 
-import importlib
+from jaxclf.lazy import lazy_exports
 
 _LAZY = {
     "train": "jaxclf.train.loop",
@@ -35,10 +35,4 @@ _LAZY = {
     "TrainingConfig": "jaxclf.config",
 }
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'jaxclf.train' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _LAZY)
