@@ -33,7 +33,7 @@ import grain
 from jaxclf.bulk.spec import INPUT_FORMATS, BulkConfig
 from jaxclf.config import ConfigError
 from jaxclf.tokenizer import TextEncoder
-from jaxclf.train.data import DataError
+from jaxclf.train.data import DataError, csv_records
 
 FORMAT_BY_EXTENSION = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
                        ".txt": "text", ".text": "text", ".array_record": "array_record",
@@ -220,19 +220,10 @@ class _CsvRows:
         """(first line, fields) per record, or (line, problem) for a malformed one; blank records skipped."""
         csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
         with open(self.file.path, "rb") as f:
-            reader = csv.reader(self._decoded_lines(f), strict=True)
-            end = 0
-            while True:
-                start = end + 1
-                try:
-                    fields = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as e:
-                    end = reader.line_num
-                    yield start, f"malformed CSV ({e}): quote fields that contain quotes, commas or newlines"
+            for start, end, fields, error in csv_records(self._decoded_lines(f)):
+                if error is not None:
+                    yield start, f"malformed CSV ({error}): quote fields that contain quotes, commas or newlines"
                     continue
-                end = reader.line_num
                 bad = next((n for n in range(start, end + 1) if n in self._bad_lines), None)
                 if bad is not None:
                     yield bad, self._bad_lines.pop(bad)

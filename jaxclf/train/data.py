@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -152,27 +152,39 @@ def _decode_lines(data: bytes, start_offset: int) -> tuple[list[str], dict[int, 
     return lines, bad
 
 
-def _csv_rows(path: str) -> Iterator[_Row]:
-    data, bom = _read_bytes(path)
-    lines, bad = _decode_lines(data, bom)
-    # strict: a stray quote or an unclosed quoted field is an error, not a silently merged row.
+def csv_records(lines: Iterable[str]) -> Iterator[tuple[int, int, list[str] | None, csv.Error | None]]:
+    """(first line, last line, fields, None) per CSV record, or (first, last, None, error) for a malformed one.
+
+    Lines are counted physically, so a quoted field spanning lines is reported at its first line.
+    strict: a stray quote or an unclosed quoted field is an error, not a silently merged row.
+    """
     reader = csv.reader(lines, strict=True)
-    header: list[str] | None = None
-    text_col = label_col = -1
     end = 0  # last physical line consumed by the reader
     while True:
         start = end + 1
         try:
             fields = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as e:
             end = reader.line_num
-            hint = ("a quoted field opened here is never closed" if "end of data" in str(e) else
-                    'a field containing quotes must itself be quoted, with inner quotes doubled ("")')
-            yield _Row(start, problem=f"malformed CSV ({e}): {hint}")
+            yield start, end, None, e
             continue
         end = reader.line_num
+        yield start, end, fields, None
+
+
+def _csv_rows(path: str) -> Iterator[_Row]:
+    data, bom = _read_bytes(path)
+    lines, bad = _decode_lines(data, bom)
+    header: list[str] | None = None
+    text_col = label_col = -1
+    for start, end, fields, error in csv_records(lines):
+        if error is not None:
+            hint = ("a quoted field opened here is never closed" if "end of data" in str(error) else
+                    'a field containing quotes must itself be quoted, with inner quotes doubled ("")')
+            yield _Row(start, problem=f"malformed CSV ({error}): {hint}")
+            continue
         undecodable = [n for n in range(start, end + 1) if n in bad]
         if undecodable:
             if header is None:
