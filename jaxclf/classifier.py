@@ -44,7 +44,7 @@ class TextClassifier:
         self.config: ModelConfig = model.config
         self.tokenizer = tokenization.configure(tokenizer, self.config.max_position_embeddings,
                                                 self.config.pad_token_id)
-        self.encoder = tokenization.TextEncoder(self.tokenizer, self.config.truncation_head)
+        self.encoder = tokenization.TextEncoder.for_config(self.tokenizer, self.config)
         self.metrics = dict(metrics or {})
         self.buckets = length_buckets(self.config.max_position_embeddings)
         self._forward = None
@@ -67,20 +67,33 @@ class TextClassifier:
         return self._forward
 
     def encode(self, texts: Sequence[str] | str) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask) int32 (N, T), T padded up to a length bucket."""
-        ids, mask = self.encoder.encode(texts)
+        """(input_ids, attention_mask) int32 (R, T) of every row the model reads, T padded up to a length bucket.
+
+        One row per text, except under long_text=chunks: one per window (`encoder.windows(texts)`
+        says which text each row belongs to).
+        """
+        return self._pad_rows(self.encoder.windows([texts] if isinstance(texts, str) else list(texts)).rows)
+
+    def _pad_rows(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = tokenization.pad_rows(rows, self.config.pad_token_id)
         return tokenization.pad_to(ids, mask, bucket_for(ids.shape[1], self.buckets), self.config.pad_token_id)
 
     def logits(self, texts: Sequence[str] | str, batch_size: int = 64) -> np.ndarray:
-        """float32 logits (N, num_classes)."""
-        if isinstance(texts, str):
-            texts = [texts]
+        """float32 logits (N, num_classes), one row per text.
+
+        Under long_text=chunks every window of every text runs through the same compiled forward,
+        `batch_size` windows a batch, and each text's logits are its windows' pooled by chunk_pooling.
+        """
+        windows = self.encoder.windows([texts] if isinstance(texts, str) else list(texts))
         forward = self._compiled_forward()
         out = [np.zeros((0, self.config.num_classes), np.float32)]
-        for start in range(0, len(texts), batch_size):
-            ids, mask = self.encode(texts[start:start + batch_size])
+        for start in range(0, len(windows.rows), batch_size):
+            ids, mask = self._pad_rows(windows.rows[start:start + batch_size])
             out.append(np.asarray(forward(self._state, jnp.asarray(ids), jnp.asarray(mask))))
-        return np.concatenate(out).astype(np.float32)
+        row_logits = np.concatenate(out).astype(np.float32)
+        if self.config.chunking is None:  # one row per text
+            return row_logits
+        return windows.pool(row_logits, self.config.chunk_pooling)
 
     def predict(self, texts: Sequence[str] | str, batch_size: int = 64) -> list[dict[str, Any]]:
         """Per text: label, confidence, and the probability of every label."""

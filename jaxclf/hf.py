@@ -38,7 +38,9 @@ max_seq_length); saved inside tokenizer.json.
 
 Export writes a `BertForSequenceClassification` directory; only models that are BERT
 (post-LN, learned positions, pooling="pooler") are exported. A model without token types
-(type_vocab_size=0) is exported with one all-zero token-type row, which adds nothing.
+(type_vocab_size=0) is exported with one all-zero token-type row, which adds nothing. A calibrated
+model's temperature is folded into the classifier weight and bias (BERT has no temperature), so the
+exported logits are the calibrated ones.
 
 Pickle checkpoints (`pytorch_model.bin`) are refused, not unpickled: loading never runs code.
 """
@@ -57,7 +59,7 @@ import numpy as np
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from jaxclf import model_dir, tokenizer as tokenization, weights
+from jaxclf import calibration, model_dir, tokenizer as tokenization, weights
 from jaxclf.config import ConfigError, ModelConfig
 from jaxclf.errors import JaxclfError
 
@@ -654,12 +656,19 @@ def export_hf(model_directory: str | os.PathLike, out_dir: str | os.PathLike) ->
         raise HFCheckpointError(f"{model_directory} is not exported as BertForSequenceClassification: "
                                 + "; ".join(problems))
     weights.check_tensors(tensors, weights.expected_shapes(config), source=str(model_directory))
+    # BERT has no temperature: 1/T goes into the classifier head, so transformers computes the same logits.
+    tensors = calibration.fold_temperature(tensors, config.temperature)
     truncation = tok.truncation
     max_length = truncation["max_length"] if truncation else config.max_position_embeddings
     if config.truncation_head is not None:
         log.warning("%s keeps the first %d and last %d tokens of a longer text (truncation_head); Hugging Face "
                     "tokenizers cut from the right, so texts over %d tokens will be read differently there",
                     model_directory, config.truncation_head, max_length - config.truncation_head, max_length)
+    if config.chunking is not None:
+        log.warning("%s reads a text longer than %d tokens as up to %d windows whose logits are pooled by %s "
+                    "(long_text=chunks); a Hugging Face pipeline reads only its first %d tokens: split and pool "
+                    "as jaxclf.long_text does to get the same predictions", model_directory, max_length,
+                    config.max_chunks, config.chunk_pooling, max_length)
     tok.no_padding()
     tok.no_truncation()
 

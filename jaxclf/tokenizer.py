@@ -1,17 +1,22 @@
 """Tokenization with Hugging Face `tokenizers`: train a BPE vocabulary, load any tokenizer.json.
 
 The max length and padding are configured here, once, on the `tokenizers.Tokenizer` itself
-(saved inside tokenizer.json); `TextEncoder` adds the model's truncation rule (head only, or
-head+tail from ModelConfig.truncation_head), so every caller gets the same ids and masks.
+(saved inside tokenizer.json); `TextEncoder` adds the model's long-text rule (truncate, head_tail
+or chunks: jaxclf.long_text), so every caller gets the same ids and masks.
 """
 
 from __future__ import annotations
 
 import string
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from jaxclf.long_text import Chunking, Windows, window_rows
+
+if TYPE_CHECKING:
+    from jaxclf.config import ModelConfig
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # ids 0..4 in a trained vocabulary
@@ -135,30 +140,55 @@ def truncate_head_tail(ids: Sequence[int], max_length: int, head: int) -> list[i
 
 
 class TextEncoder:
-    """Texts -> token ids the way a model reads them: its tokenizer, max length and truncation rule.
+    """Texts -> token ids the way a model reads them: its tokenizer, max length and long-text rule.
 
     tok must be configured (see `configure`): its truncation length is the model's limit. With
     truncation_head=None a longer text keeps its first max_length tokens (ending in [SEP]);
     with N it keeps the first N and the last max_length - N (head+tail: [CLS] + the opening +
-    the ending + [SEP]). The same rule serves training, evaluation, serving and torch_ref.
+    the ending + [SEP]); with `chunking` (jaxclf.long_text) it is read whole as several windows,
+    so a text is one row or more: use `windows`. The same rule serves training, evaluation,
+    serving and torch_ref; `for_config` picks it from a ModelConfig.
     """
 
-    def __init__(self, tok: Tokenizer, truncation_head: int | None = None):
+    def __init__(self, tok: Tokenizer, truncation_head: int | None = None, chunking: Chunking | None = None):
         if tok.truncation is None:
             raise ValueError("the tokenizer has no truncation; configure() it with the model's max length first")
+        if truncation_head is not None and chunking is not None:
+            raise ValueError("truncation_head (head_tail) and chunking are two long-text rules; pick one")
         self.tokenizer = tok
         self.max_length = tok.truncation["max_length"]
         self.pad_id = tok.padding["pad_id"] if tok.padding else 0
         self.truncation_head = truncation_head
+        self.chunking = chunking
         if truncation_head is not None and not 1 <= truncation_head < self.max_length:
             raise ValueError(f"truncation_head={truncation_head} must be in [1, {self.max_length}), the "
                              f"tokenizer's max length")
         self._unpadded = Tokenizer.from_str(tok.to_str())  # a copy: the caller's tokenizer keeps its padding
         self._unpadded.no_padding()
-        if truncation_head is not None:
+        if truncation_head is not None or chunking is not None:
             self._unpadded.no_truncation()  # whole texts, cut below
+        if chunking is not None:
+            # The special tokens around a text ([CLS] ... [SEP] for BERT), read off a probe encoding.
+            probe = self._unpadded.encode("a")
+            content = [i for i, s in enumerate(probe.sequence_ids) if s is not None]
+            if not content:
+                raise ValueError("chunks: the tokenizer maps the probe text 'a' to no tokens")
+            self._prefix = probe.ids[:content[0]]
+            self._suffix = probe.ids[content[-1] + 1:]
+            if self.max_length - len(self._prefix) - len(self._suffix) < 1:
+                raise ValueError(f"chunks: max length {self.max_length} leaves no room for text")
+
+    @classmethod
+    def for_config(cls, tok: Tokenizer, config: ModelConfig) -> "TextEncoder":
+        """The encoder of a model's rule: config.long_text with its truncation_head / chunk settings."""
+        return cls(tok, config.truncation_head, config.chunking)
+
+    def _check_one_row(self) -> None:
+        if self.chunking is not None:
+            raise ValueError("under long_text=chunks a text may be several rows: use windows(), not ids()")
 
     def ids_one(self, text: str) -> list[int]:
+        self._check_one_row()
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
         ids = self._unpadded.encode(text).ids
@@ -166,18 +196,47 @@ class TextEncoder:
                                                                            self.truncation_head)
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Unpadded id lists, each at most max_length long."""
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        """Unpadded id lists, each at most max_length long (one per text: not under chunks)."""
+        self._check_one_row()
+        _check_strings(texts)
         out = [e.ids for e in self._unpadded.encode_batch(list(texts))]
         if self.truncation_head is not None:
             out = [truncate_head_tail(ids, self.max_length, self.truncation_head) for ids in out]
         return out
 
+    def windows(self, texts: Sequence[str]) -> Windows:
+        """Every row the model reads for these texts, each at most max_length long, with its text's index.
+
+        One row per text under truncate and head_tail; under chunks one per window (TextTooLongError
+        for a text past max_chunks with chunk_overflow=refuse).
+        """
+        texts = list(texts)
+        if self.chunking is None:
+            return Windows(self.ids(texts), np.arange(len(texts)), len(texts))
+        _check_strings(texts)
+        rows: list[list[int]] = []
+        owner: list[int] = []
+        for i, enc in enumerate(self._unpadded.encode_batch(texts, add_special_tokens=False)):
+            text_rows = window_rows(enc.ids, self._prefix, self._suffix, self.max_length, self.chunking)
+            rows += text_rows
+            owner += [i] * len(text_rows)
+        return Windows(rows, np.asarray(owner, np.int64), len(texts), len(self._prefix) + len(self._suffix))
+
+    def windows_one(self, text: str) -> list[list[int]]:
+        """One text's rows (see `windows`)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        return self.windows([text]).rows
+
     def encode(self, texts: Sequence[str] | str) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), both int32 (N, T) with T the longest text of the batch."""
         return pad_rows(self.ids([texts] if isinstance(texts, str) else list(texts)), self.pad_id)
+
+
+def _check_strings(texts: Sequence[Any]) -> None:
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int,

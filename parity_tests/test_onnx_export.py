@@ -23,7 +23,7 @@ for _package in ("onnx", "onnxscript", "onnxruntime"):
 import onnxruntime  # noqa: E402
 
 import jaxclf  # noqa: E402
-from jaxclf import model_dir, tokenizer as tokenization  # noqa: E402
+from jaxclf import long_text, model_dir, tokenizer as tokenization  # noqa: E402
 from jaxclf.cli import export_onnx as cli  # noqa: E402
 from jaxclf.registry import content_hash  # noqa: E402
 from parity_tests import twins  # noqa: E402
@@ -44,8 +44,9 @@ def onnx_encoder(directory, meta: dict) -> tokenization.TextEncoder:
     """What an ONNX consumer builds from tokenizer.json and the graph's metadata alone."""
     tok = Tokenizer.from_file(str(directory / model_dir.TOKENIZER_FILE))
     tok.no_truncation()  # metadata's max_length is the whole truth, whatever tokenizer.json carries
+    chunking = meta["chunking"] and long_text.Chunking(**meta["chunking"])
     return tokenization.TextEncoder(tokenization.configure(tok, meta["max_length"], meta["pad_token_id"]),
-                                    meta["truncation_head"])
+                                    meta["truncation_head"], chunking)
 
 
 def mixed_batches(texts: list[str]) -> list[list[str]]:
@@ -105,7 +106,7 @@ def test_graph_signature_and_metadata(saved_model_dir, exported, capsys):
     assert onnx_export.read_metadata(exported) == {
         "format": "jaxclf-model", "format_version": 1, "version": jaxclf.__version__,
         "content_hash": content_hash(saved_model_dir), "labels": ["negative", "neutral", "positive"],
-        "max_length": 24, "truncation_head": None, "pad_token_id": 0}
+        "max_length": 24, "long_text": "truncate", "truncation_head": None, "chunking": None, "pad_token_id": 0}
 
 
 def test_longer_than_the_model_is_refused_by_the_graph(exported):
@@ -133,6 +134,33 @@ def test_head_tail_truncation_model_at_opset_17(saved_model_dir, tmp_path):
     assert_graph_matches_jaxclf(d, path, texts, "head+tail model")
     plain = onnx_encoder(saved_model_dir, onnx_export.read_metadata(path) | {"truncation_head": None})
     assert onnx_encoder(d, meta).ids(long_texts()[:1]) != plain.ids(long_texts()[:1])  # the rule is in effect
+
+
+def test_chunked_model_windows_run_in_the_graph_and_pooled_give_jaxclf_logits(saved_model_dir, tmp_path, capsys):
+    """long_text=chunks: the graph scores windows; cut by the metadata's rule and pooled, they are jaxclf's logits."""
+    d = tmp_path / "chunks"
+    shutil.copytree(saved_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model"].update(long_text="chunks", chunk_stride=11, max_chunks=6, chunk_pooling="weighted")
+    (d / "config.json").write_text(json.dumps(cfg))
+    path = tmp_path / "chunks.onnx"
+    export(d, path)
+    assert "pool each text's window logits by weighted" in capsys.readouterr().out
+    meta = onnx_export.read_metadata(path)
+    assert (meta["long_text"], meta["chunking"]) == (
+        "chunks", {"stride": 11, "max_windows": 6, "overflow": "truncate", "pooling": "weighted"})
+    encoder = onnx_encoder(d, meta)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    texts = long_texts() + sample_texts()[:6] + EDGE_TEXTS
+    windows = encoder.windows(texts)
+    assert windows.counts().max() == 6 and windows.counts().min() == 1
+    ids, mask = tokenization.pad_rows(windows.rows, meta["pad_token_id"])
+    rows = session.run(["logits"], {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})[0]
+    got = long_text.pool_windows(rows, windows.owner, len(texts), meta["chunking"]["pooling"], windows.text_tokens)
+    with twins.highest():
+        want = jaxclf.load(d).logits(texts)
+    err = twins.record("onnx chunks logits max-abs", twins.max_abs(got, want))
+    assert err <= twins.LOGITS_TOL, f"pooled ONNX window logits differ from jaxclf's by {err:.3e}"
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from jaxclf.config import ConfigError, ModelConfig
-from jaxclf.tokenizer import TextEncoder  # the truncation rule is part of the model directory contract
+from jaxclf.tokenizer import TextEncoder, pad_rows  # the long-text rule is part of the model directory contract
 from torch_ref.model import TransformerClassifier
 
 Texts = Union[str, Iterable[str]]
@@ -69,27 +69,36 @@ class TorchClassifier:
         self.labels = list(config.id2label)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.encoder = TextEncoder(tokenizer, config.truncation_head)
+        self.encoder = TextEncoder.for_config(tokenizer, config)
 
     def encode(self, texts: Texts) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenize (truncated, padded to the longest) -> (input_ids, attention_mask), both (N, T) int64."""
-        input_ids, attention_mask = self.encoder.encode([texts] if isinstance(texts, str) else list(texts))
+        """Tokenize -> (input_ids, attention_mask), both (R, T) int64, padded to the longest row.
+
+        One row per text, except under long_text=chunks: one per window of each text.
+        """
+        rows = self.encoder.windows([texts] if isinstance(texts, str) else list(texts)).rows
+        input_ids, attention_mask = pad_rows(rows, self.config.pad_token_id)
         return torch.from_numpy(input_ids).long(), torch.from_numpy(attention_mask).long()
 
     def logits(self, texts: Texts, batch_size: int = 64) -> np.ndarray:
-        """(N, num_classes) float32 logits, computed in eval mode in batches of ``batch_size``."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
+        """(N, num_classes) float32 logits, computed in eval mode in batches of ``batch_size`` rows.
+
+        Under long_text=chunks a text's logits are its windows' pooled by config.chunk_pooling (pool_windows).
+        """
+        windows = self.encoder.windows([texts] if isinstance(texts, str) else list(texts))
         self.model.eval()
-        out = []
+        out = [torch.zeros((0, self.config.num_classes))]
         with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                input_ids, attention_mask = self.encode(texts[start:start + batch_size])
-                out.append(self.model(input_ids, attention_mask=attention_mask).float().numpy())
-        if not out:
-            return np.zeros((0, self.config.num_classes), dtype=np.float32)
-        return np.concatenate(out).astype(np.float32)
+            for start in range(0, len(windows.rows), batch_size):
+                ids, mask = pad_rows(windows.rows[start:start + batch_size], self.config.pad_token_id)
+                out.append(self.model(torch.from_numpy(ids).long(),
+                                      attention_mask=torch.from_numpy(mask).long()).float())
+        row_logits = torch.cat(out)
+        if self.config.chunking is not None:
+            row_logits = pool_windows(row_logits, torch.from_numpy(windows.owner), windows.num_texts,
+                                      self.config.chunk_pooling, windows.special_tokens,
+                                      torch.tensor([len(r) for r in windows.rows]))
+        return row_logits.numpy().astype(np.float32)
 
     def predict(self, texts: Texts) -> list[dict]:
         """Per text: {"label", "confidence", "probabilities": {label: p}} from the softmax."""
@@ -106,6 +115,30 @@ class TorchClassifier:
                 "probabilities": {label: float(p) for label, p in zip(self.labels, row)},
             })
         return results
+
+
+def pool_windows(row_logits: torch.Tensor, owner: torch.Tensor, num_texts: int, pooling: str,
+                 special_tokens: int, row_lengths: torch.Tensor) -> torch.Tensor:
+    """(R, C) window logits -> (num_texts, C) text logits, written in torch apart from jaxclf's numpy.
+
+    "mean": the windows' mean; "max": per class, the largest; "weighted": a mean weighted by each
+    window's text tokens (its length less the special tokens). Summed in float64, as jaxclf does.
+    """
+    logits = row_logits.double()
+    index = owner.long()
+    if pooling == "max":
+        start = torch.full((num_texts, logits.shape[1]), -torch.inf, dtype=torch.float64)
+        return start.scatter_reduce(0, index[:, None].expand_as(logits), logits, reduce="amax").float()
+    if pooling == "weighted":
+        weight = (row_lengths - special_tokens).double().clamp(min=1.0)  # an empty text's window: 1, not 0/0
+    elif pooling == "mean":
+        weight = torch.ones(len(index), dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown chunk pooling {pooling!r}")
+    total = torch.zeros((num_texts, logits.shape[1]), dtype=torch.float64)
+    total.index_add_(0, index, logits * weight[:, None])
+    norm = torch.zeros(num_texts, dtype=torch.float64).index_add_(0, index, weight)
+    return (total / norm[:, None]).float()
 
 
 def load(model_dir: str) -> TorchClassifier:

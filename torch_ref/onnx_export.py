@@ -9,8 +9,10 @@ The graph:
                                          max_position_embeddings; attention_mask 1 = token, 0 = padding
     output   logits                      float32 (batch, num_classes)
 Token types are zeros, as in jaxclf's own forward. The graph does not tokenize: feed it what the model
-directory's tokenizer.json gives under the recorded truncation rule (`jaxclf.tokenizer.TextEncoder` does
-exactly that), right-padded to any length; padding never changes a logit.
+directory's tokenizer.json gives under the recorded long-text rule (`jaxclf.tokenizer.TextEncoder` does
+exactly that), right-padded to any length; padding never changes a logit. The graph scores rows: under
+long_text=chunks a long text is several rows (windows), and its logits are the rows' logits pooled as
+the metadata says (`jaxclf.long_text.pool_windows`), outside the graph.
 
 metadata_props, every value JSON text (`read_metadata` decodes them):
     jaxclf.format, jaxclf.format_version   the model-directory format the graph was exported from
@@ -19,8 +21,13 @@ metadata_props, every value JSON text (`read_metadata` decodes them):
                                            the same as a registered version's), to trace the graph back
     jaxclf.labels                          label names, in logit order
     jaxclf.max_length                      truncation length, special tokens included
+    jaxclf.long_text                       "truncate", "head_tail" or "chunks" (jaxclf.long_text)
     jaxclf.truncation_head                 null: keep the first max_length tokens; N: the first N and the
                                            last max_length - N ("head+tail")
+    jaxclf.chunking                        null, or under chunks {"stride", "max_windows", "overflow",
+                                           "pooling"} (jaxclf.long_text.Chunking(**value)): windows of
+                                           max_length tokens every `stride` text tokens, at most
+                                           max_windows, whose logits are pooled by `pooling`
     jaxclf.pad_token_id                    the id that fills padded positions
 
 The exporter is torch.onnx.export's torch.export-based one (dynamo=True, the default; it needs
@@ -31,6 +38,7 @@ onnxscript, and runs offline). The legacy TorchScript exporter (dynamo=False) al
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -82,7 +90,9 @@ def metadata(directory: str | os.PathLike, twin: torch_ref.TorchClassifier) -> d
         "content_hash": content_hash(directory),
         "labels": list(config.id2label),
         "max_length": twin.encoder.max_length,
+        "long_text": config.long_text,
         "truncation_head": config.truncation_head,
+        "chunking": None if config.chunking is None else dataclasses.asdict(config.chunking),
         "pad_token_id": config.pad_token_id,
     }
     return {METADATA_PREFIX + k: json.dumps(v) for k, v in values.items()}
@@ -179,7 +189,8 @@ def export_onnx(directory: str | os.PathLike, output: str | os.PathLike, opset: 
                                     dynamic_shapes=dynamic_shapes, verbose=False)
     program.model.metadata_props.update(props)
     program.model.doc_string = (f"jaxclf text classifier ({', '.join(twin.config.id2label)}); tokenize with the "
-                                f"model directory's tokenizer.json and the truncation in metadata_props")
+                                f"model directory's tokenizer.json and the long-text rule in metadata_props"
+                                + ("; pool the windows' logits" if twin.config.chunking else ""))
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

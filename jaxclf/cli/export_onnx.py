@@ -44,12 +44,22 @@ def _export(argv: list[str]) -> int:
     meta, diff = result["metadata"], result["max_abs_diff_vs_torch_ref"]
     checked = ("not checked (onnxruntime not installed)" if diff is None and not args.no_check
                else "not checked" if diff is None else f"ONNX Runtime vs torch_ref max |logit diff| {diff:.2g}")
-    head = meta["truncation_head"]
-    rule = (f"first {meta['max_length']} tokens" if head is None
-            else f"first {head} + last {meta['max_length'] - head} of {meta['max_length']} tokens")
     print(f"wrote {result['path']} (opset {result['opset']}; labels {', '.join(meta['labels'])}; "
-          f"truncation: {rule}; {checked})")
+          f"{long_text_rule(meta)}; {checked})")
     return 0
+
+
+def long_text_rule(meta: dict) -> str:
+    """How a consumer of the graph must cut a text, from its metadata, in one phrase."""
+    length, head, chunking = meta["max_length"], meta["truncation_head"], meta.get("chunking")
+    if chunking:
+        past = "refused" if chunking["overflow"] == "refuse" else "not read"
+        return (f"long texts: windows of {length} tokens every {chunking['stride']} text tokens, at most "
+                f"{chunking['max_windows']} (the rest {past}), one graph row each: pool each text's window "
+                f"logits by {chunking['pooling']} (jaxclf.long_text.pool_windows)")
+    if head is None:
+        return f"truncation: first {length} tokens"
+    return f"truncation: first {head} + last {length - head} of {length} tokens"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,9 @@
     report["accuracy"], report["macro_f1"], report["loss"], report["per_class"]["positive"]["f1"]
 
 The report is what a model directory's metrics.json records under "eval": the metrics of
-jaxclf.metrics.classification_report, the mean loss, and the distributions the server's drift
-monitor compares live traffic with (confidence_histogram, predicted_label_counts).
+jaxclf.metrics.classification_report, the mean loss, the expected calibration error ("ece", in
+jaxclf.calibration.ECE_BINS equal-width bins) and Brier score ("brier"), and the distributions the
+server's drift monitor compares live traffic with (confidence_histogram, predicted_label_counts).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from jaxclf import calibration
 from jaxclf.classifier import TextClassifier, softmax
 from jaxclf.metrics import classification_report, mean_cross_entropy
 from jaxclf.train import data, sharding
@@ -31,6 +33,8 @@ def evaluation_report(logits: np.ndarray, label_ids: Sequence[int], label_names:
         raise ValueError(f"logits of shape {logits.shape} for {len(y)} labels and {len(label_names)} classes")
     report = classification_report(y, logits.argmax(-1), label_names, loss=mean_cross_entropy(logits, y))
     probs = softmax(logits.astype(np.float64))
+    report["ece"] = calibration.expected_calibration_error(probs, y) if len(y) else 0.0
+    report["brier"] = calibration.brier_score(probs, y) if len(y) else 0.0
     report["confidence_histogram"] = np.histogram(probs.max(-1), bins=CONFIDENCE_BINS, range=(0, 1))[0].tolist()
     report["predicted_label_counts"] = np.bincount(probs.argmax(-1), minlength=len(label_names)).tolist()
     return report
@@ -45,10 +49,13 @@ def evaluate_classifier(clf: TextClassifier, texts: Sequence[str], labels: Seque
 
 
 def sharded_logits(eval_step: Callable, params: Any, ds: data.TokenizedDataset, *, mesh,
-                   global_batch_size: int, buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, C), label ids (N,)) of every example of `ds` on host, computed by a jitted, sharded eval_step.
+                   global_batch_size: int, buckets: Sequence[int], pad_id: int,
+                   pooling: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, C), label ids (N,)) of every TEXT of `ds` on host, computed by a jitted, sharded eval_step.
 
-    Every process runs every batch (the call is collective) and gets the same full result.
+    Every process runs every batch (the call is collective) and gets the same full result. Under
+    long_text=chunks the rows are windows: their logits are pooled per text by `pooling` (the
+    model's chunk_pooling), so a long document is scored once, as jaxclf.load(...).logits scores it.
     """
     all_logits, all_labels, all_weights = [], [], []
     for batch in data.eval_batches(ds, global_batch_size=global_batch_size, buckets=buckets, pad_id=pad_id,
@@ -57,4 +64,7 @@ def sharded_logits(eval_step: Callable, params: Any, ds: data.TokenizedDataset, 
         all_labels.append(sharding.gather_to_host(batch["labels"]))
         all_weights.append(sharding.gather_to_host(batch["weights"]))
     real = np.concatenate(all_weights) > 0  # the last batch's padding rows have weight 0
-    return np.concatenate(all_logits)[real], np.concatenate(all_labels)[real]
+    row_logits, row_labels = np.concatenate(all_logits)[real], np.concatenate(all_labels)[real]
+    if ds.owner is None:
+        return row_logits, row_labels
+    return ds.pool(row_logits, pooling), ds.text_labels  # eval batches keep the rows' order
