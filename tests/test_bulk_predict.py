@@ -132,7 +132,7 @@ def test_every_input_format_gives_the_same_predictions(tiny_model_dir, corpus, e
         ids = [r["id"] for r in rows]
         expected_ids = {"csv": [str(i) for i in range(len(texts))], "array_record": list(range(len(texts)))}
         assert ids == expected_ids.get(name, list(range(len(texts)))), name
-    assert sorted(p.suffix for p in (tmp_path / "out-parquet").glob("part-*")) == [".parquet"] * 3
+    assert sorted(p.suffix for p in (tmp_path / "out-parquet").glob("part-*")) == [".parquet"] * -(-len(texts) // 100)
 
 
 def test_a_bad_row_fails_the_job_naming_file_and_line(tiny_model_dir, tmp_path, capsys):

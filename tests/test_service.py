@@ -66,7 +66,8 @@ def test_predict_and_batch(client, engine):
     one = client.post("/predict", json={"text": "Best tacos in town"})
     assert one.status_code == 200
     body = one.get_json()
-    assert set(body) == {"label", "confidence", "probabilities", "model_version"}
+    assert set(body) == {"label", "confidence", "probabilities", "windows", "model_version"}
+    assert body["windows"] == 1  # a truncate model reads one row per text
     assert body["model_version"] == engine.version and set(body["probabilities"]) == set(engine.labels)
     expected = engine.predict_single("Best tacos in town")
     assert body["label"] == expected.predicted_class

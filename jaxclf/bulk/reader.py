@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
+import numpy as np
 
 from jaxclf.bulk.spec import INPUT_FORMATS, BulkConfig
 from jaxclf.config import ConfigError
+from jaxclf.long_text import TextTooLongError, Windows
 from jaxclf.tokenizer import TextEncoder
 from jaxclf.train.data import DataError, csv_records
 
@@ -82,7 +84,9 @@ class Chunk:
     bad: list[BadRow]
     sources: list[tuple[Callable[[int], str], int]] = dataclasses.field(default_factory=list)  # (where, line)
     input_bytes: int = 0  # input bytes read when the chunk was cut (for the progress bar)
-    tokens: list[list[int]] | None = None  # token ids per good row, set by Tokenize
+    tokens: list[list[int]] | None = None  # token-id rows the model reads, set by Tokenize (= windows.rows)
+    # Which good row each token row belongs to: one each, or under long_text=chunks a long text's windows.
+    windows: Windows | None = None
     total_rows: int | None = None
 
 
@@ -378,10 +382,12 @@ class _ChunkIterator(grain.DatasetIterator):
 
 
 class Tokenize:
-    """Chunk -> Chunk with token ids by the model's rule (TextEncoder: max length, head+tail truncation).
+    """Chunk -> Chunk with the token rows the model reads, by its rule (TextEncoder: max length and
+    long_text: truncate, head_tail, or chunks, where a long text becomes several window rows).
 
     encode_batch runs in the `tokenizers` library's own thread pool, across every core, outside the
-    GIL; a row whose text gives no token at all becomes a BadRow (attention would see nothing).
+    GIL. A row becomes a BadRow if its text gives no token at all (attention would see nothing) or
+    needs more than max_chunks windows under chunk_overflow=refuse.
     """
 
     def __init__(self, encoder: TextEncoder):
@@ -390,19 +396,47 @@ class Tokenize:
     def __call__(self, chunk: Chunk) -> Chunk:
         if not chunk.texts:
             chunk.tokens, chunk.texts, chunk.sources = [], None, []
+            chunk.windows = Windows([], np.zeros(0, np.int64), 0)
             return chunk
-        tokens = self.encoder.ids(chunk.texts)
-        empty = [k for k, ids in enumerate(tokens) if not ids]
-        if empty:
-            gone = set(empty)
-            chunk.bad.extend(BadRow(chunk.positions[k], chunk.sources[k][0](chunk.sources[k][1]),
-                                    "the text gives no tokens") for k in empty)
-            keep = [k for k in range(len(tokens)) if k not in gone]
-            chunk.positions = [chunk.positions[k] for k in keep]
-            chunk.ids = [chunk.ids[k] for k in keep]
-            tokens = [tokens[k] for k in keep]
-        chunk.tokens, chunk.texts, chunk.sources = tokens, None, []
+        try:
+            windows, problems = self.encoder.windows(chunk.texts), {}
+        except TextTooLongError:
+            problems = self._refused(chunk.texts)
+            keep = np.array([k not in problems for k in range(len(chunk.texts))])
+            windows = self.encoder.windows([t for t, kept in zip(chunk.texts, keep) if kept])
+            windows.owner = np.flatnonzero(keep)[windows.owner]  # back to the chunk's row numbers
+            windows.num_texts = len(chunk.texts)
+        tokens_per_row = np.bincount(windows.owner, weights=[len(r) for r in windows.rows],
+                                     minlength=len(chunk.texts))
+        problems.update({int(k): "the text gives no tokens" for k in np.flatnonzero(tokens_per_row == 0)
+                         if k not in problems})
+        if problems:
+            chunk.bad.extend(BadRow(chunk.positions[k], chunk.sources[k][0](chunk.sources[k][1]), problem)
+                             for k, problem in sorted(problems.items()))
+            keep = np.array([k not in problems for k in range(len(chunk.texts))])
+            windows = _keep_texts(windows, keep)
+            chunk.positions = [p for p, kept in zip(chunk.positions, keep) if kept]
+            chunk.ids = [i for i, kept in zip(chunk.ids, keep) if kept]
+        chunk.tokens, chunk.windows, chunk.texts, chunk.sources = windows.rows, windows, None, []
         return chunk
+
+    def _refused(self, texts: list[str]) -> dict[int, str]:
+        """Which texts the chunks rule refuses (a rare case: each text is encoded alone to find them)."""
+        problems = {}
+        for k, text in enumerate(texts):
+            try:
+                self.encoder.windows([text])
+            except TextTooLongError as e:
+                problems[k] = str(e)
+        return problems
+
+
+def _keep_texts(windows: Windows, keep: np.ndarray) -> Windows:
+    """The rows of the texts where `keep` (bool per text) is set, their texts renumbered 0, 1, ..."""
+    row_kept = keep[windows.owner]
+    renumbered = np.cumsum(keep) - 1
+    return Windows([r for r, kept in zip(windows.rows, row_kept) if kept], renumbered[windows.owner[row_kept]],
+                   int(keep.sum()), windows.special_tokens)
 
 
 def chunk_stream(files: Sequence[InputFile], config: BulkConfig, encoder: TextEncoder,

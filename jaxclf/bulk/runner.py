@@ -5,8 +5,10 @@
 The pipeline, per process:
 
     read (Grain source, this process's shards only) -> tokenize (background thread, the tokenizer's
-    thread pool) -> sort each window by length, cut into bucketed calls sharded over the local
-    devices (BucketedForward) -> softmax -> write the shard, commit it, record it in the manifest
+    thread pool; under long_text=chunks a long text becomes one token row per window of it) -> sort
+    each sort window by length, cut into bucketed calls sharded over the local devices
+    (BucketedForward) -> pool each text's rows (chunks) -> softmax -> write the shard (one row per
+    input row), commit it, record it in the manifest
 
 Device calls are asynchronous: window k is dispatched before window k-1's results are written,
 so the host writes while the devices compute. Under jax.distributed (flags or the scheduler's
@@ -248,7 +250,10 @@ def _write(pending: tuple[Chunk, list], forward: BucketedForward, assembler: _Sh
            progress: _Progress) -> None:
     chunk, calls = pending
     assembler.run["compile_seconds"] = round(forward.compile_seconds, 3)  # saved with the next commit
-    assembler.add(chunk, forward.gather(calls, len(chunk.positions)))
+    logits = forward.gather(calls, len(chunk.tokens))  # one row per window
+    if len(chunk.tokens) != len(chunk.positions):  # long_text=chunks: one text, several windows
+        logits = chunk.windows.pool(logits, forward.config.chunk_pooling)
+    assembler.add(chunk, logits)
     progress.advance(chunk.input_bytes, len(chunk.positions))
 
 

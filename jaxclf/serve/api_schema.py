@@ -26,7 +26,9 @@ class Violation:
 
 def text_schema(max_chars: int) -> dict[str, Any]:
     return {"type": "string", "minLength": 1, "maxLength": max_chars, "x-limit": "max_chars",
-            "description": "Text to classify; longer texts are truncated to the model's token limit."}
+            "description": "Text to classify. A text longer than the model's token limit is read by the "
+                           "model's long-text rule (config long_text): its first tokens (truncate), its first "
+                           "and last (head_tail), or all of it as windows whose predictions are pooled (chunks)."}
 
 
 KEY_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 256,
@@ -49,12 +51,14 @@ def batch_request(max_texts: int, max_chars: int) -> dict[str, Any]:
 
 
 PREDICTION = {
-    "type": "object", "required": ["label", "confidence", "probabilities"],
+    "type": "object", "required": ["label", "confidence", "probabilities", "windows"],
     "properties": {
         "label": {"type": "string", "description": "the most probable label"},
         "confidence": {"type": "number", "description": "probability of that label"},
         "probabilities": {"type": "object", "additionalProperties": {"type": "number"},
                           "description": "probability of every label"},
+        "windows": {"type": "integer", "description": "rows the model read for the text: 1, or under "
+                                                      "long_text=chunks the windows of a long text"},
     },
 }
 PREDICT_RESPONSE = {
@@ -184,7 +188,8 @@ ERROR_REASONS = {
     401: "no 'Authorization: Bearer <token>' header", 403: "wrong admin token",
     404: "admin endpoints are off (no admin token configured)",
     409: "reload refused: the source cannot be resolved, or a reload is already running",
-    413: "body, text count or text length over a limit (the message names it)",
+    413: "body, text count or text length over a limit, or (code text_too_long) a text longer than the model "
+         "reads under long_text=chunks with chunk_overflow=refuse (the message names it)",
     415: "Content-Type is not application/json", 422: "empty text or empty list",
     429: "rate limit exceeded; see Retry-After",
     503: "not ready, queue full or shutting down; see Retry-After"}

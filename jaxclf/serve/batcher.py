@@ -1,8 +1,9 @@
 """The dynamic batcher: a bounded queue of texts and the worker threads that run them in batches.
 
-Callers put texts on the queue and wait on a future; a free worker takes up to `max_batch_size`
-texts (whatever is queued, or what arrives within `max_wait_s` of the oldest one) and hands them
-to `run`, which returns one result per text. With max_wait_s = 0 (continuous batching) requests
+Callers put rows on the queue (a text, or one window of a long text: jaxclf.serve.documents) and
+wait on a future; a free worker takes up to `max_batch_size` rows (whatever is queued, or what
+arrives within `max_wait_s` of the oldest one) and hands them to `run`, which returns one result
+per row. The queue's room (max_queue_size) is counted in rows, so a long document takes its windows' room. With max_wait_s = 0 (continuous batching) requests
 that queue while a call runs form the next batch, so a lone request never waits for company.
 
 A full queue refuses at once (QueueFullError); a text still queued at its deadline is dropped
@@ -27,13 +28,14 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class QueuedText:
-    """One text waiting in the queue."""
+    """One row waiting in the queue: a text, or one window of a long text."""
 
-    text: str
-    ids: list[int]  # its token ids, encoded by the caller's thread
+    text: str  # the text it is (a window of)
+    ids: list[int]  # the row's token ids, encoded by the caller's thread
     enqueued_at: float  # time.monotonic()
     deadline: float  # time.monotonic() past which it is dropped unrun
     future: concurrent.futures.Future
+    rows_of_text: int = 1  # rows its text is read as: more than 1 for a long text under long_text=chunks
 
 
 def not_started(timeout_s: float) -> DeadlineExceeded:
@@ -66,7 +68,7 @@ class Batcher:
     # --- callers ---------------------------------------------------------------------------------
 
     def check_room(self, count: int) -> None:
-        """QueueFullError / EngineClosedError now if `count` more texts would be refused.
+        """QueueFullError / EngineClosedError now if `count` more rows would be refused.
 
         For callers to refuse before the costly part (tokenizing); enqueue() checks again, atomically.
         """

@@ -15,6 +15,10 @@ Texts go through the batcher (jaxclf.serve.batcher) and the LRU result cache
 (jaxclf.serve.cache); a batch of texts of very different lengths is split into a few calls
 (jaxclf.serve.planning.plan_calls). Padding rows and positions are masked, so a text's logits
 do not depend on what it was batched with. Every knob is a field of EngineConfig.
+
+A model with long_text="chunks" reads a long text as several windows (jaxclf.long_text): each
+window is a row of its own in the same queue and the same compiled buckets, and the text's logits
+are its windows' logits pooled by the model's chunk_pooling (jaxclf.serve.documents).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -38,12 +43,14 @@ from flax import nnx
 from jaxclf import model_dir, weights
 from jaxclf.classifier import TextClassifier, predictions
 from jaxclf.config import ConfigError
+from jaxclf.long_text import TextTooLongError, Windows
 from jaxclf.serve.batcher import Batcher, QueuedText
 from jaxclf.serve.cache import ResultCache
 from jaxclf.model import create_model
 from jaxclf.serve.compilation import (ServingRequest, compile_buckets, enable_compilation_cache,
                                      ensure_compile_listener, release_free_memory)
 from jaxclf.serve.config import EngineConfig, override
+from jaxclf.serve.documents import DocumentFuture, DocumentTooLongError, window_parts  # noqa: F401 (API)
 from jaxclf.serve.errors import (DeadlineExceeded, EngineClosedError, InferenceError,  # noqa: F401 (API)
                                  QueueFullError)
 from jaxclf.serve.planning import default_batch_buckets, model_length_buckets, plan_calls
@@ -134,6 +141,10 @@ class InferenceEngine:
         self.length_buckets = model_length_buckets(self.engine_config.length_buckets,
                                                    model_config.max_position_embeddings)
         self.device = resolve_device(self.engine_config.device)
+        if self.batching and model_config.chunking is not None and model_config.max_chunks > self.max_queue_size:
+            raise ConfigError(f"max_queue_size={self.max_queue_size} cannot hold one long text of this model "
+                              f"(max_chunks={model_config.max_chunks} windows, each a queued row); raise "
+                              f"max_queue_size to at least {model_config.max_chunks}")
 
         ensure_compile_listener()
         self._use_compilation_cache(self.engine_config.compilation_cache_dir)
@@ -254,9 +265,9 @@ class InferenceEngine:
             self._batched_texts += n
         return logits[:n]
 
-    def _run_and_report(self, texts: Sequence[str], rows: Sequence[Sequence[int]],
-                        waits: Sequence[float]) -> list[PredictionResult]:
-        """Run rows in the compiled calls plan_calls picks (one per length group), report each call, cache."""
+    def _run_and_report(self, rows: Sequence[Sequence[int]], waits: Sequence[float]) -> np.ndarray:
+        """Logits (len(rows), C) of token rows, in the compiled calls plan_calls picks (one per length
+        group); every call is reported to the batch listeners."""
         logits = np.zeros((len(rows), self.config.num_classes), np.float32)
         for group in plan_calls([len(r) for r in rows], self.batch_buckets, self.length_buckets):
             start = time.perf_counter()
@@ -269,23 +280,36 @@ class InferenceEngine:
                     listener(record)
                 except Exception:  # a metrics bug must not take the batcher down
                     logger.exception("batch listener %r failed", listener)
+        return logits
+
+    def _run_queued(self, items: list[QueuedText]) -> list[PredictionResult | np.ndarray]:
+        """The batcher's `run`: one batch of queued rows. A text read in one row gets its result, timed
+        from its submission; a window of a longer text its logits row, which its DocumentFuture pools."""
+        with ServingRequest(self):
+            start = time.monotonic()
+            logits = self._run_and_report([i.ids for i in items], [start - i.enqueued_at for i in items])
+        out: list[PredictionResult | np.ndarray] = list(logits)
+        whole = [k for k, item in enumerate(items) if item.rows_of_text == 1]
+        done = time.monotonic()
+        for k, result in zip(whole, self._results([items[k].text for k in whole], logits[whole], [1] * len(whole))):
+            out[k] = dataclasses.replace(result, processing_time_ms=1000 * (done - items[k].enqueued_at))
+        return out
+
+    def _results(self, texts: Sequence[str], logits: np.ndarray, windows: Sequence[int]) -> list[PredictionResult]:
+        """Results of texts from their (N, C) logits (pooled already), cached."""
         out = []
-        for text, row, p in zip(texts, logits, predictions(logits, self.labels)):
-            result = PredictionResult(p["label"], p["confidence"], p["probabilities"],
-                                      tuple(float(x) for x in row), self.version)
+        for text, row, k, p in zip(texts, logits, windows, predictions(logits, self.labels)):
+            result = PredictionResult(p["label"], p["confidence"], p["probabilities"], tuple(float(x) for x in row),
+                                      self.version, windows=k)
             self.cache.put((self.version, text), result)
             out.append(result)
         return out
 
-    def _run_queued(self, items: list[QueuedText]) -> list[PredictionResult]:
-        """The batcher's `run`: one batch of queued texts, each result timed from its submission."""
-        with ServingRequest(self):
-            start = time.monotonic()
-            results = self._run_and_report([i.text for i in items], [i.ids for i in items],
-                                           [start - i.enqueued_at for i in items])
-        done = time.monotonic()
-        return [dataclasses.replace(r, processing_time_ms=1000 * (done - i.enqueued_at))
-                for r, i in zip(results, items)]
+    def _pooled_result(self, text: str, windows: Windows, logits: np.ndarray, since: float) -> PredictionResult:
+        """A text's result from its windows' (k, C) logits, pooled by the model's rule; cached, timed from `since`."""
+        pooled = logits if len(logits) == 1 else windows.pool(logits, self.config.chunk_pooling)
+        [result] = self._results([text], pooled, [len(logits)])
+        return dataclasses.replace(result, processing_time_ms=1000 * (time.monotonic() - since))
 
     def _cached(self, text: str, since: float) -> PredictionResult | None:
         hit = self.cache.get((self.version, text))
@@ -293,10 +317,19 @@ class InferenceEngine:
             return None
         return dataclasses.replace(hit, cached=True, processing_time_ms=1000 * (time.monotonic() - since))
 
-    def _encode(self, text: str) -> list[int]:
-        """The text's token ids; InferenceError if the tokenizer fails on it, a Rust panic included."""
+    def _encode(self, text: str, where: str) -> Windows:
+        """The rows the model reads for a text (one, or its windows under chunks); `where` names it in errors.
+
+        DocumentTooLongError past max_chunks under chunk_overflow=refuse; InferenceError if the
+        tokenizer fails on it, a Rust panic included.
+        """
+        encoder = self.classifier.encoder
         try:
-            return self.classifier.encoder.ids_one(text)
+            if encoder.chunking is None:  # one row; encode() of one text, not encode_batch's thread pool
+                return Windows([encoder.ids_one(text)], np.zeros(1, np.int64), 1)
+            return encoder.windows([text])
+        except TextTooLongError as e:
+            raise DocumentTooLongError(f"{where}: {e}") from None
         except BaseException as e:
             # pyo3's PanicException is a BaseException: it would pass every `except Exception` above us.
             if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
@@ -304,32 +337,48 @@ class InferenceEngine:
             logger.error("the tokenizer failed on a text of %d characters: %s: %s", len(text), type(e).__name__, e)
             raise InferenceError(f"the tokenizer failed on this text ({type(e).__name__})") from None
 
-    def submit(self, text: str) -> concurrent.futures.Future:
-        """Queue one text; the future resolves to a PredictionResult or raises an InferenceError."""
-        return self._submit_many([text])[0]
+    def _prepare(self, texts: Sequence[str], first_index: int = 0) -> list[PredictionResult | Windows]:
+        """Per text its cached result or its rows. A full queue refuses before the costly part, tokenizing
+        (each text is at least one row; enqueue counts the windows); a text refused by the long-text
+        rule refuses the whole request."""
+        now = time.monotonic()
+        hits: list[PredictionResult | Windows | None] = [self._cached(text, now) for text in texts]
+        misses = sum(hit is None for hit in hits)
+        with self._lock:
+            self._requests += len(texts)
+        if misses and self.batching:
+            self._batcher.check_room(misses)
+        single = len(texts) == 1 and first_index == 0
+        return [hit if hit is not None else self._encode(text, "text" if single else f"texts[{first_index + i}]")
+                for i, (text, hit) in enumerate(zip(texts, hits))]
 
-    def _submit_many(self, texts: Sequence[str]) -> list[concurrent.futures.Future]:
-        """All-or-nothing: either every text is queued (or answered from the cache) or QueueFullError."""
+    def _enqueue(self, texts: Sequence[str], prepared: Sequence[PredictionResult | Windows],
+                 ) -> list[concurrent.futures.Future]:
+        """All-or-nothing: every window of every text is queued (a cache hit answered now) or QueueFullError."""
         with ServingRequest(self):
             futures: list[concurrent.futures.Future] = []
             pending: list[QueuedText] = []
             now = time.monotonic()
-            hits = [self._cached(text, now) for text in texts]
-            misses = sum(hit is None for hit in hits)
-            if misses:  # a full queue refuses now, before the costly part: tokenizing
-                self._batcher.check_room(misses)
-            for text, hit in zip(texts, hits):
-                future: concurrent.futures.Future = concurrent.futures.Future()
-                if hit is not None:
-                    future.set_result(hit)
-                else:  # encoded here, truncated to the model's max length: every text fits the largest bucket
-                    pending.append(QueuedText(text, self._encode(text), now, now + self.request_timeout_s, future))
+            deadline = now + self.request_timeout_s
+            for text, entry in zip(texts, prepared):
+                if isinstance(entry, PredictionResult):
+                    future: concurrent.futures.Future = concurrent.futures.Future()
+                    future.set_result(entry)
+                else:  # every row is at most the model's max length: it fits the largest length bucket
+                    k = len(entry.rows)
+                    rows = [QueuedText(text, row, now, deadline, concurrent.futures.Future(), k) for row in entry.rows]
+                    pending += rows
+                    future = rows[0].future if k == 1 else DocumentFuture([r.future for r in rows], functools.partial(
+                        self._pooled_result, text, entry, since=now))
                 futures.append(future)
-            with self._lock:
-                self._requests += len(texts)
             if pending:
-                self._batcher.enqueue(pending)
+                self._batcher.enqueue(pending)  # counts rows: a long document takes its windows' room
             return futures
+
+    def submit(self, text: str) -> concurrent.futures.Future:
+        """Queue one text; the future resolves to a PredictionResult or raises an InferenceError."""
+        with ServingRequest(self):
+            return self._enqueue([text], self._prepare([text]))[0]
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -340,8 +389,8 @@ class InferenceEngine:
     def predict_batch(self, texts: Sequence[str]) -> BatchPredictionResult:
         """Predictions for any number of texts, in request order.
 
-        With batching, the texts join the shared queue (max_queue_size at a time) and may run
-        alongside other requests; without, they run in this thread in chunks of max_batch_size.
+        With batching, the texts' rows join the shared queue (max_queue_size at a time) and may run
+        alongside other requests; without, they run in this thread in chunks of max_batch_size texts.
         """
         if isinstance(texts, str):
             raise TypeError("predict_batch takes a list of texts; use predict_single for one text")
@@ -351,10 +400,15 @@ class InferenceEngine:
             results = self._predict_unbatched(texts)
         else:
             results = []
-            for start in range(0, len(texts), self.max_queue_size):  # a chunk can always fit an idle queue
-                deadline = time.monotonic() + self.request_timeout_s
-                futures = self._submit_many(texts[start:start + self.max_queue_size])
-                results += [self._batcher.wait(f, deadline) for f in futures]
+            for start in range(0, len(texts), self.max_queue_size):
+                chunk = texts[start:start + self.max_queue_size]
+                with ServingRequest(self):
+                    prepared = self._prepare(chunk, start)
+                rows = [1 if isinstance(p, PredictionResult) else len(p.rows) for p in prepared]
+                for part in window_parts(rows, self.max_queue_size):  # each part fits an idle queue
+                    deadline = time.monotonic() + self.request_timeout_s
+                    futures = self._enqueue([chunk[i] for i in part], [prepared[i] for i in part])
+                    results += [self._batcher.wait(f, deadline) for f in futures]
         return BatchPredictionResult(results, self.version, 1000 * (time.perf_counter() - started))
 
     def _predict_unbatched(self, texts: list[str]) -> list[PredictionResult]:
@@ -362,17 +416,18 @@ class InferenceEngine:
             raise EngineClosedError("the inference engine is shutting down; retry on another replica")
         since = time.monotonic()
         with ServingRequest(self):
-            results = [self._cached(text, since) for text in texts]
+            prepared = self._prepare(texts)
+            results = [p if isinstance(p, PredictionResult) else None for p in prepared]
             todo = [i for i, r in enumerate(results) if r is None]
-            with self._lock:
-                self._requests += len(texts)
             for start in range(0, len(todo), self.max_batch_size):
                 chunk = todo[start:start + self.max_batch_size]
-                chunk_texts = [texts[i] for i in chunk]
-                done = self._run_and_report(chunk_texts, [self._encode(t) for t in chunk_texts], [0.0] * len(chunk))
-                elapsed_ms = 1000 * (time.monotonic() - since)
-                for i, result in zip(chunk, done):
-                    results[i] = dataclasses.replace(result, processing_time_ms=elapsed_ms)
+                rows = [row for i in chunk for row in prepared[i].rows]  # plan_calls cuts them into batches
+                logits = self._run_and_report(rows, [0.0] * len(rows))
+                offset = 0
+                for i in chunk:
+                    k = len(prepared[i].rows)
+                    results[i] = self._pooled_result(texts[i], prepared[i], logits[offset:offset + k], since)
+                    offset += k
             return results  # type: ignore[return-value]
 
     async def predict_async(self, text: str) -> PredictionResult:

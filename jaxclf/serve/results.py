@@ -17,11 +17,13 @@ class PredictionResult:
     logits: tuple[float, ...]  # float32 logits, in label order
     model_version: str
     cached: bool = False  # served from the result cache
-    processing_time_ms: float = 0.0  # from submission to the result: queue wait plus the compiled call
+    processing_time_ms: float = 0.0  # from submission to the result (its last window's): queue wait plus calls
+    windows: int = 1  # rows the model read for it: 1, or its windows under long_text="chunks"
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.predicted_class, "confidence": self.confidence,
-                "probabilities": dict(self.probabilities), "model_version": self.model_version}
+                "probabilities": dict(self.probabilities), "windows": self.windows,
+                "model_version": self.model_version}
 
 
 Prediction = PredictionResult
@@ -46,10 +48,10 @@ BatchPrediction = BatchPredictionResult
 class BatchRecord:
     """What one compiled call did; passed to batch listeners (metrics)."""
 
-    size: int  # requests in the call
+    size: int  # rows in the call: texts, or windows of long texts
     padded_batch: int  # batch bucket it ran in
     padded_length: int  # length bucket it ran in
-    queue_waits_s: tuple[float, ...]  # per request: enqueue -> start of the call
+    queue_waits_s: tuple[float, ...]  # per row: enqueue -> start of the call
     run_s: float  # wall time of the compiled call
 
 
@@ -59,7 +61,7 @@ class EngineStats:
     cache_hits: int
     cache_misses: int
     batches: int  # compiled calls run
-    batched_texts: int  # texts run through compiled calls
+    batched_texts: int  # rows run through compiled calls (a long text under chunks: one per window)
     queue_depth: int
     rejected_queue_full: int
     dropped_deadline: int  # dropped unrun because their deadline passed

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import jaxclf
 from jaxclf.serve import api_schema
 from jaxclf.serve.api_schema import Endpoint, ref
+from jaxclf.serve.documents import DocumentTooLongError
 from jaxclf.serve.engine import InferenceEngine
 from jaxclf.serve.errors import DeadlineExceeded, EngineClosedError, InferenceError, QueueFullError
 from jaxclf.serve.responses import RETRY_AFTER_S, ApiError, json_response
@@ -26,7 +27,8 @@ from jaxclf.serve.ui_page import HTML as UI_HTML
 
 # How an engine error reaches the client: (status, code, retry).
 _ENGINE_ERRORS = ((QueueFullError, 503, "queue_full", True), (DeadlineExceeded, 503, "deadline_exceeded", True),
-                  (EngineClosedError, 503, "shutting_down", True), (InferenceError, 500, "inference_failed", False))
+                  (EngineClosedError, 503, "shutting_down", True), (DocumentTooLongError, 413, "text_too_long", False),
+                  (InferenceError, 500, "inference_failed", False))
 # Which schema violation answers which status and code; anything else is 400 invalid_request.
 _VIOLATIONS = {"maxLength": (413, "text_too_long"), "maxItems": (413, "too_many_texts"),
                "minLength": (422, "empty_text"), "minItems": (422, "empty_list")}
@@ -36,7 +38,8 @@ _FIELD_VIOLATIONS = {("key", "maxLength"): (400, "key_too_long"), ("key", "minLe
 # metrics.json keys whose values are file paths of the machine that trained or imported the model
 # (TrainingConfig's output_dir, train_file, eval_file, init_from; the HF import's hf_dir): never
 # sent to unauthenticated clients (they reveal the training host's layout).
-PATH_KEYS = frozenset({"output_dir", "train_file", "eval_file", "init_from", "hf_dir"})
+PATH_KEYS = frozenset({"output_dir", "train_file", "eval_file", "init_from", "hf_dir", "distill_from",
+                       "unlabeled_file", "tokenizer_from", "teacher"})
 
 
 def json_body(schema: dict[str, Any]) -> Any:
