@@ -285,6 +285,8 @@ class TransformerClassifier(nnx.Module):
         """Logits (B, C) float32; with return_outputs=True the typed ModelOutput (logits, hidden states, pooled)."""
         hidden, pooled = self.features(input_ids, attention_mask, token_type_ids)
         logits = self.classifier(self.dropout(pooled)).astype(jnp.float32)
+        if self.config.temperature != 1.0:  # calibration (jaxclf.calibration); a trace-time constant
+            logits = logits / self.config.temperature
         return ModelOutput(logits, hidden, pooled) if return_outputs else logits
 
     def save_pretrained(self, path: str, tokenizer) -> "Path":

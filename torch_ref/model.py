@@ -248,6 +248,8 @@ class TransformerClassifier(nn.Module):
             pooled = torch.tanh(self.pooler.dense(h[:, 0]))  # (B, D)
 
         logits = self.classifier(self.dropout(pooled)).float()  # (B, C)
+        if self.config.temperature != 1.0:  # calibration: confidences change, predictions never do
+            logits = logits / self.config.temperature
         if return_hidden:
             return {"logits": logits, "last_hidden_state": h, "pooled": pooled}
         return logits

@@ -3,8 +3,10 @@
     jaxclf evaluate --model runs/default/model --data data/sample_texts.csv
 
 The report is the one training records in OUTPUT/model/metrics.json ("eval"): accuracy, macro
-F1/precision/recall, per-class scores, the confusion matrix, the loss, and the confidence and
-predicted-label distributions; plus skipped_rows with --skip-bad-rows.
+F1/precision/recall, per-class scores, the confusion matrix, the loss, the expected calibration
+error ("ece") and Brier score ("brier") of the model's confidences, and the confidence and
+predicted-label distributions; plus skipped_rows with --skip-bad-rows. The JSON goes to stdout,
+a one-line summary (accuracy, macro-F1, ECE, Brier) to stderr.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report["skipped_rows"] = len(read.skipped)
     print(json.dumps(report, indent=2))
+    print(f"{report['num_examples']} examples: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
+          f"ECE {report['ece']:.4f}, Brier {report['brier']:.4f}", file=sys.stderr)
     return 0
 
 
