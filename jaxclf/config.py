@@ -11,6 +11,7 @@ import json
 from typing import Any, Mapping
 
 from jaxclf.errors import JaxclfError
+from jaxclf.long_text import CHUNK_OVERFLOWS, CHUNK_POOLINGS, LONG_TEXT_RULES, Chunking
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 POSITION_EMBEDDINGS = ("learned", "sinusoidal")
@@ -32,10 +33,21 @@ class ModelConfig:
     num_encoder_layers: int = 4  # transformer blocks
     dim_feedforward: int = 1024  # width of the feed-forward block (BERT: intermediate_size)
     max_position_embeddings: int = 128  # longest sequence, special tokens included
-    # How a text longer than the model's max length is cut (a tokenizer setting, not architecture):
-    # None keeps its first max_length tokens; N keeps the first N and the last max_length - N
-    # ("head+tail", [CLS] and [SEP] included), which keeps a long document's conclusion.
+    # How a text longer than max_position_embeddings is read (a tokenizer-side rule, not architecture;
+    # jaxclf.long_text): "truncate" keeps its first tokens; "head_tail" its first truncation_head and
+    # last max_length - truncation_head tokens (a long document's conclusion); "chunks" reads it all
+    # as overlapping windows whose logits are pooled. Setting truncation_head alone means head_tail.
+    long_text: str = "truncate"
     truncation_head: int | None = None
+    # chunks: text tokens between window starts; None: 3/4 of a window (windows overlap by 1/4, so a
+    # phrase cut by one window's edge is whole in the next).
+    chunk_stride: int | None = None
+    max_chunks: int = 8  # chunks: windows read per text (at 128 tokens: ~750 text tokens)
+    chunk_overflow: str = "truncate"  # chunks, a text past max_chunks: "truncate" (read the first) or "refuse"
+    chunk_pooling: str = "mean"  # chunks: document logits = "mean", "max" or "weighted" mean of window logits
+    # Calibration (temperature scaling): logits are divided by this, fitted on held-out data at export
+    # (jaxclf.calibration); 1.0 = uncalibrated. Predictions never change, confidences do.
+    temperature: float = 1.0
     num_classes: int = 3  # output logits
     dropout: float = 0.1  # on embeddings, sub-layer outputs and before the classifier
     attention_dropout: float = 0.1  # on attention probabilities
@@ -53,6 +65,8 @@ class ModelConfig:
     id2label: tuple[str, ...] = ()  # label name per class id; empty means LABEL_0, LABEL_1, ...
 
     def __post_init__(self) -> None:
+        if self.truncation_head is not None and self.long_text == "truncate":
+            object.__setattr__(self, "long_text", "head_tail")  # config.json files from before long_text
         if not self.id2label:
             object.__setattr__(self, "id2label", tuple(f"LABEL_{i}" for i in range(self.num_classes)))
         else:
@@ -73,6 +87,10 @@ class ModelConfig:
             raise ConfigError(f"truncation_head must be null (keep the first tokens) or an integer in "
                               f"[1, max_position_embeddings={self.max_position_embeddings}), "
                               f"got {self.truncation_head!r}")
+        self._validate_long_text()
+        if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
+                or not 0 < self.temperature < float("inf")):
+            raise ConfigError(f"temperature must be a positive number, got {self.temperature!r}")
         if self.d_model % self.nhead != 0:
             raise ConfigError(
                 f"d_model % nhead != 0: d_model={self.d_model} is not divisible by nhead={self.nhead}")
@@ -106,6 +124,32 @@ class ModelConfig:
         if len(set(self.id2label)) != len(self.id2label) or not all(
                 isinstance(x, str) and x for x in self.id2label):
             raise ConfigError(f"id2label must hold distinct non-empty names, got {list(self.id2label)}")
+
+    def _validate_long_text(self) -> None:
+        for name, allowed in (("long_text", LONG_TEXT_RULES), ("chunk_overflow", CHUNK_OVERFLOWS),
+                              ("chunk_pooling", CHUNK_POOLINGS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.long_text == "head_tail" and self.truncation_head is None:
+            raise ConfigError("long_text=head_tail needs truncation_head (the tokens kept from the start)")
+        if self.long_text == "chunks" and self.truncation_head is not None:
+            raise ConfigError(f"truncation_head={self.truncation_head} belongs to long_text=head_tail, "
+                              f"not chunks; drop one of them")
+        window = self.max_position_embeddings - 2  # [CLS] and [SEP]
+        if self.chunk_stride is not None and (
+                not _is_int(self.chunk_stride) or not 1 <= self.chunk_stride <= window):
+            raise ConfigError(f"chunk_stride must be null or an integer in [1, {window}] (the text tokens "
+                              f"of one window), got {self.chunk_stride!r}")
+        if not _is_int(self.max_chunks) or self.max_chunks < 1:
+            raise ConfigError(f"max_chunks must be a positive integer, got {self.max_chunks!r}")
+
+    @property
+    def chunking(self) -> Chunking | None:
+        """The chunks rule's settings (jaxclf.long_text.Chunking), or None under truncate / head_tail."""
+        if self.long_text != "chunks":
+            return None
+        stride = self.chunk_stride or max(1, (self.max_position_embeddings - 2) * 3 // 4)
+        return Chunking(stride, self.max_chunks, self.chunk_overflow, self.chunk_pooling)
 
     @property
     def head_dim(self) -> int:
@@ -151,6 +195,10 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # fp16=True / bf16=True (the original framework's and Hugging Face's flags) are another way to set
 # mixed_precision; the three are one setting, kept consistent by TrainingConfig.
@@ -165,6 +213,9 @@ class TrainingConfig:
     train_file: str = "data/sample_texts.csv"  # CSV (text,label), JSONL or ArrayRecord
     eval_file: str | None = None  # None: hold out `eval_split` of train_file (stratified, seeded)
     eval_split: float = 0.2  # fraction held out when eval_file is None; 0 disables evaluation
+    # Fit a temperature on the evaluation data at export (jaxclf.calibration), so confidences match
+    # accuracy; metrics.json records ECE/Brier before and after, OUTPUT/reliability.png the diagram.
+    calibrate: bool = True
     labels: tuple[str, ...] = ()  # label names in id order; empty: sorted labels of the training data
     init_from: str | None = None  # model directory to fine-tune (its tokenizer and labels are kept)
     skip_bad_rows: bool = False  # skip (count and report) malformed data rows instead of failing
@@ -172,6 +223,17 @@ class TrainingConfig:
     # tokens, and the embedding table keeps exactly vocab_size rows. N: up to N tokens, and the model's
     # vocab_size becomes the number of tokens actually learned (a small corpus may give fewer than N).
     tokenizer_vocab_size: int | None = None
+    # A from-scratch model may borrow another tokenizer instead of training one: a model directory
+    # (its tokenizer.json) or a tokenizer.json file, e.g. a distillation teacher's. init_from needs
+    # none: it brings its tokenizer along with its weights, and it fixes the architecture, so a
+    # smaller student cannot be init_from its teacher. vocab_size becomes the borrowed tokenizer's size.
+    tokenizer_from: str | None = None
+    # Distillation (jaxclf.train.distill): train on a teacher model's soft labels. Loss per labelled
+    # example: (1 - distill_alpha) * CE(hard label) + distill_alpha * T^2 * KL(teacher/T || student/T).
+    distill_from: str | None = None  # teacher model directory; None: no distillation
+    distill_temperature: float = 2.0  # T: softens both distributions in the soft term
+    distill_alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha on the hard labels
+    unlabeled_file: str | None = None  # extra texts without labels (a text a line, or CSV/JSONL with a text column), soft term only
     length_buckets: tuple[int, ...] = ()  # padded lengths; empty: powers of two up to max_position_embeddings
     num_train_epochs: float = 10.0  # ignored when max_steps > 0
     max_steps: int = -1  # total optimiser steps; -1: from num_train_epochs
@@ -236,6 +298,15 @@ class TrainingConfig:
             ("eval_split", lambda: 0.0 <= self.eval_split < 1.0, "in [0, 1)"),
             ("tokenizer_vocab_size", lambda: self.tokenizer_vocab_size is None
              or positive_int(self.tokenizer_vocab_size), "null (use ModelConfig.vocab_size) or an integer >= 1"),
+            ("distill_temperature", lambda: 0 < self.distill_temperature < float("inf")
+             and not isinstance(self.distill_temperature, bool), "a number > 0"),
+            ("distill_alpha", lambda: 0.0 <= self.distill_alpha <= 1.0
+             and not isinstance(self.distill_alpha, bool), "in [0, 1]"),
+            ("unlabeled_file", lambda: self.unlabeled_file is None or (self.distill_from and self.distill_alpha > 0),
+             "unset unless distill_from is set and distill_alpha > 0 (unlabeled texts learn only from a "
+             "teacher's soft labels)"),
+            ("tokenizer_from", lambda: self.tokenizer_from is None or not self.init_from,
+             "unset with init_from (the model directory fine-tuned brings its own tokenizer)"),
             ("per_device_train_batch_size", lambda: positive_int(self.per_device_train_batch_size), "an integer >= 1"),
             ("per_device_eval_batch_size", lambda: positive_int(self.per_device_eval_batch_size), "an integer >= 1"),
             ("learning_rate", lambda: self.learning_rate > 0, "> 0"),
@@ -254,6 +325,7 @@ class TrainingConfig:
             ("seed", lambda: isinstance(self.seed, int) and self.seed >= 0, "an integer >= 0"),
             ("fp16", lambda: isinstance(self.fp16, bool), "true or false"),
             ("bf16", lambda: isinstance(self.bf16, bool), "true or false"),
+            ("calibrate", lambda: isinstance(self.calibrate, bool), "true or false"),
         ]
 
     def _resolve_precision_flags(self) -> None:

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 from jaxclf import tokenizer as tokenization
 from jaxclf.config import ConfigError
 from jaxclf.errors import JaxclfError
+from jaxclf.long_text import Chunking, TextTooLongError, pool_windows
 from jaxclf.tokenizer import bucket_for
 
 logger = logging.getLogger(__name__)
@@ -81,14 +82,7 @@ def read_examples(path: str | os.PathLike, *, skip_bad: bool = False) -> tuple[l
     in the report (and summarised in one warning).
     """
     path = str(path)
-    suffix = Path(path).suffix.lower()
-    if suffix not in FORMATS:
-        raise DataError(f"{path}: unsupported extension {suffix or '(none)'!r}; "
-                        f"accepted: {', '.join(FORMATS)}")
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found")
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, expected a data file")
+    suffix = data_file_suffix(path, FORMATS)
     fmt = FORMATS[suffix]
     unit = "record " if fmt == "array_record" else ""
     rows = {"csv": _csv_rows, "jsonl": _jsonl_rows, "array_record": _array_record_rows}[fmt](path)
@@ -115,6 +109,19 @@ def read_examples(path: str | os.PathLike, *, skip_bad: bool = False) -> tuple[l
             raise DataError(f"{path}: no valid rows ({len(report.skipped)} skipped; first: {report.skipped[0]})")
         raise DataError(f"{path}: no rows" + (" after the header" if fmt == "csv" else ""))
     return texts, labels, report
+
+
+def data_file_suffix(path: str, formats: Sequence[str], what: str = "") -> str:
+    """The lower-cased extension of an existing data file among `formats`; DataError naming the problem."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in formats:
+        raise DataError(f"{path}: unsupported extension {suffix or '(none)'!r}{what}; "
+                        f"accepted: {', '.join(formats)}")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a data file")
+    return suffix
 
 
 def example_problem(text: str, label: str) -> str | None:
@@ -368,58 +375,148 @@ def stratified_split(labels: Sequence[str], fraction: float, seed: int) -> tuple
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenizedDataset:
-    """Tokenized examples, ragged in one flat array; a grain RandomAccessDataSource.
+    """Tokenized rows, ragged in one flat array; a grain RandomAccessDataSource.
 
-    Example i is ids[offsets[i]:offsets[i + 1]] with label labels[i].
+    Row i is ids[offsets[i]:offsets[i + 1]] with label labels[i]. A row is one text, except under
+    long_text=chunks, where a text longer than the model is several rows (its windows, see
+    jaxclf.long_text): `owner[i]` is then the index of the text row i was cut from, and each of
+    the text's per-example values (its label, ...) is repeated on every one of its windows
+    (`expand_to_windows`). owner None means one row per text.
     """
     ids: np.ndarray      # (total_tokens,) int32
     offsets: np.ndarray  # (N + 1,) int64, offsets[0] == 0
     labels: np.ndarray   # (N,) int32
+    owner: np.ndarray | None = None  # (N,) int64, non-decreasing 0, 0, 1, 2, 2, 2, ...: each row's text
+    special_tokens: int = 0  # per row, its [CLS]/[SEP]-like tokens (not text: "weighted" pooling ignores them)
+    # Other per-row arrays, batched under their names with a leading batch axis (distillation's
+    # "teacher_logits" (N, C) float32 and "has_label" (N,) float32); padding rows get zeros.
+    extras: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        for name, values in self.extras.items():
+            if name in ("ids", "label") or len(values) != len(self.labels):
+                raise ValueError(f"extra per-row array {name!r} has {len(values)} rows for {len(self.labels)} "
+                                 f"rows (names ids and label are taken)")
         if self.offsets.ndim != 1 or len(self.offsets) != len(self.labels) + 1 or self.offsets[0] != 0 \
                 or self.offsets[-1] != len(self.ids) or np.any(np.diff(self.offsets) < 0):
             raise ValueError(f"inconsistent ragged store: {len(self.ids)} ids, {len(self.offsets)} offsets, "
                              f"{len(self.labels)} labels")
+        if self.owner is not None and (
+                self.owner.shape != self.labels.shape
+                or (len(self.owner) and (self.owner[0] != 0 or np.any(~np.isin(np.diff(self.owner), (0, 1)))))):
+            raise ValueError(f"owner must give each of the {len(self.labels)} rows its text index, "
+                             f"0, 0, 1, 2, 2, ... (every text at least one row, in order)")
 
     @classmethod
-    def from_sequences(cls, sequences: Sequence[Sequence[int]], labels: Sequence[int]) -> TokenizedDataset:
-        """Build from one token-id sequence per example and their label ids."""
+    def from_sequences(cls, sequences: Sequence[Sequence[int]], labels: Sequence[int],
+                       owner: np.ndarray | None = None, special_tokens: int = 0,
+                       extras: Mapping[str, np.ndarray] | None = None) -> TokenizedDataset:
+        """Build from one token-id sequence per row and their label ids (and texts, see the class)."""
         lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
         ids = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=int(lengths.sum()))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return cls(ids, offsets, np.asarray(labels, dtype=np.int32).reshape(-1))
+        return cls(ids, offsets, np.asarray(labels, dtype=np.int32).reshape(-1),
+                   None if owner is None else np.asarray(owner, np.int64), special_tokens,
+                   {name: np.asarray(values) for name, values in (extras or {}).items()})
 
     @property
     def lengths(self) -> np.ndarray:
-        """Tokens per example, (N,) int64."""
+        """Tokens per row, (N,) int64."""
         return np.diff(self.offsets)
+
+    @property
+    def num_texts(self) -> int:
+        """Texts (documents) the rows were cut from: len(self) unless texts were read as windows."""
+        return len(self) if self.owner is None or not len(self.owner) else int(self.owner[-1]) + 1
+
+    @property
+    def text_labels(self) -> np.ndarray:
+        """(num_texts,) int32: each text's label (its windows all carry it)."""
+        if self.owner is None:
+            return self.labels
+        first = np.flatnonzero(np.diff(self.owner, prepend=-1))  # first row of each text
+        return self.labels[first]
+
+    def pool(self, row_logits: np.ndarray, pooling: str) -> np.ndarray:
+        """(N, C) logits of the rows -> (num_texts, C) logits of the texts (long_text.pool_windows)."""
+        if self.owner is None:
+            return np.asarray(row_logits, np.float32)
+        return pool_windows(row_logits, self.owner, self.num_texts, pooling,
+                            (self.lengths - self.special_tokens).astype(np.float64))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        """{"ids": int32 (L,), "label": int}."""
+        """{"ids": int32 (L,), "label": int, **one row of each extra array}."""
         i = range(len(self))[index]
-        return {"ids": self.ids[self.offsets[i]:self.offsets[i + 1]], "label": int(self.labels[i])}
+        return {"ids": self.ids[self.offsets[i]:self.offsets[i + 1]], "label": int(self.labels[i]),
+                **{name: values[i] for name, values in self.extras.items()}}
+
+
+def expand_to_windows(owner: np.ndarray | None, **per_text: np.ndarray | None) -> dict[str, np.ndarray | None]:
+    """Per-text arrays (first axis = texts) -> per-row arrays: each text's value repeated on each of its windows.
+
+    The one place a text becomes rows: every per-example array of a TokenizedDataset goes through it,
+    so a text's windows all carry its label (and anything else recorded per text). None stays None;
+    owner None (one row per text) returns the arrays as they are.
+    """
+    if owner is None:
+        return dict(per_text)
+    return {name: None if values is None else np.asarray(values)[owner] for name, values in per_text.items()}
 
 
 def tokenize_dataset(tokenizer: Tokenizer, texts: Sequence[str], labels_ids: Sequence[int] | np.ndarray, *,
-                     truncation_head: int | None = None, chunk_size: int = 8192) -> TokenizedDataset:
-    """Tokenize every text once, unpadded, truncated by the model's rule (see tokenizer.TextEncoder)."""
+                     truncation_head: int | None = None, chunking: Chunking | None = None,
+                     tokenize_batch: int = 8192,
+                     extras: Mapping[str, np.ndarray] | None = None) -> TokenizedDataset:
+    """Tokenize every text once, unpadded, by the model's long-text rule (tokenizer.TextEncoder).
+
+    truncation_head and chunking are TextEncoder's (TextEncoder.for_config reads them from a
+    ModelConfig). Under chunks a long text becomes one row per window (at most max_chunks), each
+    carrying the text's label (the training design: see jaxclf.long_text), and `owner` maps rows
+    back to texts so that evaluation scores texts (`TokenizedDataset.pool`), never windows.
+    """
     if len(texts) != len(labels_ids):
         raise ValueError(f"{len(texts)} texts but {len(labels_ids)} labels")
-    encoder = tokenization.TextEncoder(tokenizer, truncation_head)  # refuses a tokenizer without truncation
+    encoder = tokenization.TextEncoder(tokenizer, truncation_head, chunking)  # refuses a tokenizer without truncation
     sequences: list[list[int]] = []
-    for start in range(0, len(texts), chunk_size):
-        sequences.extend(encoder.ids(list(texts[start:start + chunk_size])))
+    owners: list[np.ndarray] = []
+    special_tokens = 0
+    for start in range(0, len(texts), tokenize_batch):
+        try:
+            windows = encoder.windows(list(texts[start:start + tokenize_batch]))
+        except TextTooLongError as e:  # chunk_overflow=refuse: name the example
+            first = start + _first_too_long(encoder, texts, start, tokenize_batch)
+            raise DataError(f"example {first + 1}: {e}") from None
+        sequences.extend(windows.rows)
+        owners.append(windows.owner + start)
+        special_tokens = windows.special_tokens
     empty = [k for k, s in enumerate(sequences) if not s]
     if empty:  # an all-padding row would give attention nothing to attend to
         raise DataError(f"{len(empty)} text(s) produced no tokens, first example {empty[0] + 1}: "
                          f"{texts[empty[0]][:60]!r}")
-    ds = TokenizedDataset.from_sequences(sequences, labels_ids)
-    logger.info("tokenized %d texts: %d tokens, longest %d", len(ds), len(ds.ids), ds.lengths.max())
+    owner = np.concatenate(owners) if chunking is not None and owners else None
+    extras = dict(extras or {})  # per text, like the labels (e.g. distillation's teacher logits)
+    per_row = expand_to_windows(owner, labels=np.asarray(labels_ids, np.int32).reshape(-1), **extras)
+    ds = TokenizedDataset.from_sequences(sequences, per_row["labels"], owner, special_tokens,
+                                         {name: per_row[name] for name in extras})
+    if owner is None:
+        logger.info("tokenized %d texts: %d tokens, longest %d", len(ds), len(ds.ids), ds.lengths.max())
+    else:
+        logger.info("tokenized %d texts as %d windows (%d texts over one window): %d tokens", ds.num_texts,
+                    len(ds), int((np.bincount(owner) > 1).sum()), len(ds.ids))
     return ds
+
+
+def _first_too_long(encoder: tokenization.TextEncoder, texts: Sequence[str], start: int, count: int) -> int:
+    """Index (from `start`) of the first text the encoder refuses as too long."""
+    for k, text in enumerate(texts[start:start + count]):
+        try:
+            encoder.windows([text])
+        except TextTooLongError:
+            return k
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,6 +589,8 @@ def _collate(examples: Sequence[dict], *, global_batch_size: int, buckets: tuple
     attention_mask = np.zeros((b, length), dtype=np.int32)    # (b, T)
     labels = np.zeros((b,), dtype=np.int32)
     weights = np.zeros((b,), dtype=np.float32)
+    extras = {name: np.zeros((b, *np.shape(value)), np.asarray(value).dtype)  # TokenizedDataset.extras
+              for name, value in examples[0].items() if name not in ("ids", "label")}
     for row, k in enumerate(range(process_index * b, (process_index + 1) * b)):
         if k < len(examples):
             ids = examples[k]["ids"]
@@ -499,6 +598,9 @@ def _collate(examples: Sequence[dict], *, global_batch_size: int, buckets: tuple
             attention_mask[row, :len(ids)] = 1
             labels[row] = examples[k]["label"]
             weights[row] = 1.0
+            for name, values in extras.items():
+                values[row] = examples[k][name]
         else:
             attention_mask[row, 0] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights,
+            **extras}

@@ -31,10 +31,10 @@ import optax
 from flax import nnx
 from tokenizers import Tokenizer
 
-from jaxclf import classifier, model_dir, tokenizer as tokenization, weights
+from jaxclf import calibration, classifier, model_dir, tokenizer as tokenization, weights
 from jaxclf.config import MIXED_PRECISION, ConfigError, ModelConfig, TrainingConfig
 from jaxclf.model import create_model
-from jaxclf.train import data, flops, optim, sharding
+from jaxclf.train import data, distill, flops, optim, sharding
 from jaxclf.train.checkpoint import Checkpointer, abstract_like
 from jaxclf.train.evaluate import evaluation_report, sharded_logits
 from jaxclf.train.runlog import ProgressBar, RunLog, StepWindow
@@ -70,6 +70,7 @@ class PreparedData:
     train_ds: data.TokenizedDataset
     eval_ds: data.TokenizedDataset | None
     buckets: tuple[int, ...]
+    distillation: distill.Distillation | None = None  # the teacher and its logits, when distilling
 
 
 def load_splits(cfg: TrainingConfig):
@@ -92,8 +93,9 @@ def load_splits(cfg: TrainingConfig):
 def _vocabulary_size(model_cfg: ModelConfig, cfg: TrainingConfig, tok: Tokenizer, source: str) -> int:
     """The model's vocab_size for a from-scratch tokenizer, with a log line saying which and why."""
     learned = tok.get_vocab_size()
-    if cfg.tokenizer_vocab_size is not None:
-        replaced = f" (model.vocab_size={model_cfg.vocab_size} is not used when train.tokenizer_vocab_size " \
+    if cfg.tokenizer_vocab_size is not None or cfg.tokenizer_from:
+        which = "train.tokenizer_from" if cfg.tokenizer_from else "train.tokenizer_vocab_size"
+        replaced = f" (model.vocab_size={model_cfg.vocab_size} is not used when {which} " \
                    f"is set)" if model_cfg.vocab_size != learned else ""
         log.info("vocabulary: %s has %d tokens; model vocab_size = %d%s", source, learned, learned, replaced)
         return learned
@@ -105,6 +107,17 @@ def _vocabulary_size(model_cfg: ModelConfig, cfg: TrainingConfig, tok: Tokenizer
              model_cfg.vocab_size, f" ({unused} embedding rows unused; set train.tokenizer_vocab_size to "
                                    f"size the model to the tokenizer)" if unused else "")
     return model_cfg.vocab_size
+
+
+def _borrowed_tokenizer(path: str) -> Tokenizer:
+    """train.tokenizer_from: a model directory's tokenizer.json, or a tokenizer.json file."""
+    file = Path(path) / TOKENIZER_FILE if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ConfigError(f"tokenizer_from={path!r}: no such tokenizer.json file or model directory")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises its own exception type for a malformed file
+        raise ConfigError(f"tokenizer_from={path!r}: {file} is not a tokenizers file ({e})") from None
 
 
 def _tokenizer_and_config(model_cfg: ModelConfig, cfg: TrainingConfig, texts: list[str],
@@ -120,12 +133,19 @@ def _tokenizer_and_config(model_cfg: ModelConfig, cfg: TrainingConfig, texts: li
         # The model directory defines the whole architecture, dropout included; the preset's model
         # section does not apply when fine-tuning.
         log.info("fine-tuning %s: its model config is used as is (model.* settings are ignored)", cfg.init_from)
-        return tok, False, init_cfg, tensors
+        # A calibrated model trains at temperature 1 with 1/T folded into its head (the same logits);
+        # the export fits a new temperature.
+        tensors = calibration.fold_temperature(tensors, init_cfg.temperature)
+        return tok, False, init_cfg.replace(temperature=1.0), tensors
     saved = Path(cfg.output_dir) / TOKENIZER_FILE
     if saved.exists():  # resuming: the vocabulary must be the one the checkpoints were trained with
         tok, new, source = Tokenizer.from_file(str(saved)), False, f"the run's tokenizer {saved}"
     elif tokenizer is not None:
+        if cfg.tokenizer_from:
+            raise ConfigError(f"a tokenizer was given, and tokenizer_from={cfg.tokenizer_from!r}; pass one")
         tok, new, source = Tokenizer.from_str(tokenizer.to_str()), True, "the given tokenizer"  # a copy: configure() mutates
+    elif cfg.tokenizer_from:
+        tok, new, source = _borrowed_tokenizer(cfg.tokenizer_from), True, f"the tokenizer of {cfg.tokenizer_from}"
     else:
         target = cfg.tokenizer_vocab_size or model_cfg.vocab_size
         which = "train.tokenizer_vocab_size" if cfg.tokenizer_vocab_size else "model.vocab_size"
@@ -141,10 +161,15 @@ def prepare_data(model_cfg: ModelConfig, cfg: TrainingConfig, tokenizer: Tokeniz
     (texts, labels, lines), (eval_texts, eval_labels, eval_lines) = load_splits(cfg)
     if cfg.init_from and not cfg.labels:
         label_names = model_dir.read_config(cfg.init_from).id2label
+    elif cfg.distill_from and not cfg.labels:
+        label_names = distill.teacher_labels(cfg.distill_from)  # the teacher's, in its order
     else:
         label_names = data.label_vocabulary(labels, cfg.labels or None)
     train_ids = data.label_ids(labels, label_names, cfg.train_file, lines=lines)
     eval_ids = data.label_ids(eval_labels, label_names, cfg.eval_file or cfg.train_file, lines=eval_lines)
+    distillation = distill.prepare(cfg, label_names, texts, train_ids) if cfg.distill_from else None
+    if distillation is not None:  # the unlabelled texts join the training texts (and the BPE corpus)
+        texts, train_ids = distillation.texts, distillation.label_ids
 
     tok, new, config, init_tensors = _tokenizer_and_config(model_cfg, cfg, texts, label_names, tokenizer)
     tok = tokenization.configure(tok, config.max_position_embeddings, config.pad_token_id)
@@ -156,11 +181,15 @@ def prepare_data(model_cfg: ModelConfig, cfg: TrainingConfig, tokenizer: Tokeniz
     if max(buckets) > config.max_position_embeddings:
         raise ConfigError(f"length_buckets {list(buckets)} exceed max_position_embeddings="
                           f"{config.max_position_embeddings}")
-    train_ds = data.tokenize_dataset(tok, texts, train_ids, truncation_head=config.truncation_head)
-    eval_ds = (data.tokenize_dataset(tok, eval_texts, eval_ids, truncation_head=config.truncation_head)
-               if eval_texts else None)
+    # Under long_text=chunks a long text is several rows (windows) carrying its label; evaluation
+    # pools them back into one score per text (data.tokenize_dataset, evaluate.sharded_logits).
+    rule = dict(truncation_head=config.truncation_head, chunking=config.chunking)
+    # Distilling: the teacher runs now (or its cached logits are read), its logits ride with the examples.
+    extras = distillation.compute(cfg.per_device_eval_batch_size) if distillation is not None else None
+    train_ds = data.tokenize_dataset(tok, texts, train_ids, extras=extras, **rule)
+    eval_ds = data.tokenize_dataset(tok, eval_texts, eval_ids, **rule) if eval_texts else None
     return PreparedData(tok, new, config, export_config, init_tensors, tuple(label_names), train_ds, eval_ds,
-                        tuple(buckets))
+                        tuple(buckets), distillation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +308,8 @@ def train(model_cfg: ModelConfig, cfg: TrainingConfig, tokenizer: Tokenizer | No
         tmp = (out / TOKENIZER_FILE).with_suffix(".tmp")
         prepared.tokenizer.save(str(tmp))
         os.replace(tmp, out / TOKENIZER_FILE)
+    if prepared.distillation is not None:  # every process: hosts may not share OUTPUT
+        prepared.distillation.save_cache()
     setup = build_train_state(prepared.config, cfg, mesh, plan.total_steps, prepared.init_tensors)
     run = _Run(prepared, cfg, mesh, plan, setup)
     state, step, preempted = run.loop()
@@ -342,11 +373,15 @@ class _Run:
     def epoch(self, step: int) -> float:
         return step * self.plan.global_batch / len(self.prepared.train_ds)
 
+    def eval_logits(self, params) -> tuple[np.ndarray, np.ndarray]:
+        """(logits (N, C), label ids (N,)) of the evaluation texts; collective (every process calls it)."""
+        return sharded_logits(self.eval_step, params, self.prepared.eval_ds, mesh=self.mesh,
+                              global_batch_size=self.plan.eval_batch, buckets=self.prepared.buckets,
+                              pad_id=self.prepared.config.pad_token_id,
+                              pooling=self.prepared.config.chunk_pooling)
+
     def evaluate(self, params) -> dict:
-        logits, label_ids = sharded_logits(self.eval_step, params, self.prepared.eval_ds, mesh=self.mesh,
-                                           global_batch_size=self.plan.eval_batch, buckets=self.prepared.buckets,
-                                           pad_id=self.prepared.config.pad_token_id)
-        return evaluation_report(logits, label_ids, self.prepared.label_names)
+        return evaluation_report(*self.eval_logits(params), self.prepared.label_names)
 
     def _resume(self, state: dict) -> dict:
         start = self.ckpt.latest_step()
@@ -423,16 +458,64 @@ class _Run:
         eval_metrics = best["report"] if best is not None else None
         host_params = sharding.gather_to_host(state["params"])
         exported_step = best["step"] if best else step
+        export_config, calibrated = self.prepared.export_config, None
+        if self.cfg.calibrate and self.prepared.eval_ds is not None:
+            # The exported params' logits (collective), so the eval report and the drift monitor's
+            # reference in metrics.json describe the calibrated confidences the model will serve.
+            logits, label_ids = self.eval_logits(state["params"])
+            temperature, eval_metrics, calibrated = _calibrate(
+                logits, label_ids, self.prepared.label_names, export_config.temperature,
+                self.cfg.eval_file or "eval split", out / "reliability.png" if self.is_main else None)
+            export_config = export_config.replace(temperature=temperature)
+        elif self.cfg.calibrate:
+            log.info("no evaluation data (eval_split=0, no eval_file): confidences are not calibrated, "
+                     "temperature stays %g", export_config.temperature)
         if self.is_main:
-            model = create_model(self.prepared.export_config, self.cfg.seed)
+            model = create_model(export_config, self.cfg.seed)
             nnx.update(model, jax.tree.map(np.asarray, host_params))
             export_metrics = {"eval": eval_metrics, "step": exported_step, "epoch": self.epoch(exported_step),
                               "train_file": self.cfg.train_file, "eval_file": self.cfg.eval_file,
                               "training_config": self.cfg.to_dict()}
+            if calibrated is not None:
+                export_metrics["calibration"] = calibrated
+            if self.prepared.distillation is not None:
+                export_metrics["distillation"] = self.prepared.distillation.summary()
             classifier.TextClassifier(model, self.prepared.tokenizer).save(out / "model", metrics=export_metrics)
             log.info("exported %s (step %d)", out / "model", exported_step)
         self.close(plot=self.is_main)
         return TrainResult(model_dir=out / "model", steps=step, eval_metrics=eval_metrics, epoch=self.epoch(step))
+
+
+def _calibrate(logits: np.ndarray, label_ids: np.ndarray, label_names: tuple[str, ...], temperature: float,
+               fitted_on: str, png: Path | None) -> tuple[float, dict, dict]:
+    """Temperature scaling at export: (the model's new temperature, the eval report of the calibrated
+    logits, metrics.json's "calibration"); draws the reliability diagram to `png` when given.
+
+    `logits` are the model's at its current `temperature`; the fitted factor scales them further.
+    """
+    fitted = calibration.fit_temperature(logits, label_ids)
+    if calibration.at_lower_bound(fitted):
+        log.warning("calibration skipped: all %d evaluation examples are right with a wide margin, so the NLL "
+                    "keeps falling as the temperature goes to 0 (every confidence 1.0); temperature stays %g",
+                    len(label_ids), temperature)
+        fitted = 1.0
+    elif fitted >= calibration.TEMPERATURE_RANGE[1] * (1.0 - 1e-3):
+        log.warning("calibration: the temperature ran into its upper bound %g: the logits say almost nothing "
+                    "about the evaluation labels (accuracy near chance?), so confidences become near-uniform",
+                    fitted)
+    scaled = (logits / np.float32(fitted)).astype(np.float32)
+    summary = {**calibration.calibration_summary(logits, label_ids, fitted), "temperature": temperature * fitted,
+               "fitted_on": str(fitted_on)}
+    if png is not None:
+        calibration.reliability_diagram(
+            png, label_ids, calibration.softmax(logits), calibration.softmax(scaled),
+            title=f"{len(label_ids)} evaluation examples ({Path(fitted_on).name}); "
+                  f"temperature {summary['temperature']:.3f}")
+    log.info("calibration on %s (%d examples): temperature %.3f, ECE %.4f -> %.4f, Brier %.4f -> %.4f, "
+             "NLL %.4f -> %.4f", fitted_on, len(label_ids), summary["temperature"], summary["ece_before"],
+             summary["ece_after"], summary["brier_before"], summary["brier_after"], summary["nll_before"],
+             summary["nll_after"])
+    return summary["temperature"], evaluation_report(scaled, label_ids, label_names), summary
 
 
 def _record_eval(meta: dict, step: int, report: dict, cfg: TrainingConfig) -> None:

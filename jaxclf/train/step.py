@@ -2,6 +2,7 @@
 
     step = jax.jit(make_train_step(graphdef, rest, tx, schedule, cfg), donate_argnums=0)
     state, metrics = step(state, batch)  # batch: {"input_ids", "attention_mask": (B, T), "labels", "weights": (B,)}
+                                         # distilling (train.distill_from): + "teacher_logits" (B, C), "has_label" (B,)
 
 The state is a dict {"params", "opt_state", "step", "rng", "loss_scale", "good_steps"} (see
 jaxclf.train.loop.build_train_state). Rows of weight 0 (an eval batch's padding) never count.
@@ -24,20 +25,45 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def distillation_loss(logits: jax.Array, labels: jax.Array, teacher_logits: jax.Array, has_label: jax.Array,
+                      temperature: float, alpha: float) -> jax.Array:
+    """Per-example loss (B,): (1 - alpha) * CE(logits, label) + alpha * T^2 * KL(softmax(teacher/T) || softmax(logits/T)).
+
+    has_label (B,) is 1.0 for a labelled example, 0.0 for an unlabelled one, which keeps only the soft
+    term. T^2 keeps the soft term's gradients on the scale of the hard one's as T changes (Hinton et
+    al., 2015). float32 whatever the compute dtype.
+    """
+    logits, teacher_logits = logits.astype(jnp.float32), teacher_logits.astype(jnp.float32)
+    soft = optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(logits / temperature),
+                                                       jax.nn.log_softmax(teacher_logits / temperature))
+    hard = cross_entropy(logits, labels) * has_label
+    return (1.0 - alpha) * hard + alpha * temperature ** 2 * soft
+
+
 def _with_dropout_key(rest: Any, key: jax.Array) -> Any:
     """The model's RNG state with every key replaced by `key`."""
     return jax.tree.map(lambda x: key if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, rest)
 
 
-def make_loss_fn(graphdef, rest, total_weight: jax.Array, loss_scale: jax.Array) -> Callable:
-    """loss_fn(params, batch part, dropout key) -> (scaled loss, loss): this part's share of the batch mean."""
+def make_loss_fn(graphdef, rest, total_weight: jax.Array, loss_scale: jax.Array,
+                 distill: tuple[float, float] | None = None) -> Callable:
+    """loss_fn(params, batch part, dropout key) -> (scaled loss, loss): this part's share of the batch mean.
+
+    distill (temperature, alpha): the loss is `distillation_loss` against the part's "teacher_logits"
+    (B, C) and "has_label" (B,) (jaxclf.train.distill puts them in the batches); None: cross-entropy.
+    """
 
     def loss_fn(params, part: dict, key: jax.Array):
         # A fresh dropout stream per step, derived from (seed, step): a resumed run replays it exactly.
         model = nnx.merge(graphdef, params, _with_dropout_key(rest, key), copy=True)  # copy: dropout advances its RNG
         model.train()
         logits = model(part["input_ids"], part["attention_mask"])
-        loss = (cross_entropy(logits, part["labels"]) * part["weights"]).sum() / total_weight
+        if distill is None:
+            per_example = cross_entropy(logits, part["labels"])
+        else:
+            per_example = distillation_loss(logits, part["labels"], part["teacher_logits"], part["has_label"],
+                                            *distill)
+        loss = (per_example * part["weights"]).sum() / total_weight
         return loss * loss_scale, loss
 
     return loss_fn
@@ -84,12 +110,13 @@ def next_loss_scale(state: dict, finite: jax.Array, period: int) -> dict:
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, cfg: TrainingConfig):
     """The pure train step: (state, batch) -> (state, metrics). `rest` holds the model's RNG streams."""
     fp16 = cfg.mixed_precision == "fp16"
+    distill = (cfg.distill_temperature, cfg.distill_alpha) if cfg.distill_from else None
 
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
         params = state["params"]
         dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         total_weight = jnp.maximum(batch["weights"].sum(), 1.0)
-        grad_fn = jax.grad(make_loss_fn(graphdef, rest, total_weight, state["loss_scale"]), has_aux=True)
+        grad_fn = jax.grad(make_loss_fn(graphdef, rest, total_weight, state["loss_scale"], distill), has_aux=True)
         grads, loss = accumulate_gradients(grad_fn, params, batch, dropout_key, cfg.micro_batches)
         grads = jax.tree.map(lambda g: g / state["loss_scale"], grads)
         grad_norm = optax.global_norm(grads)
