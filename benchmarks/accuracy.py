@@ -6,7 +6,7 @@ stratified, seed 0; prepared here if data/NAME/ is missing) and is scored on the
 
     tfidf_svc       TF-IDF (word 1-2-grams, sublinear tf) + LinearSVC            scikit-learn defaults
     tfidf_logreg    the same features + LogisticRegression(max_iter=1000)         scikit-learn defaults
-    jaxclf_scratch  scripts/train.py --config small (tokenizer trained on the train split)
+    jaxclf_scratch  scripts/train.py --config medium (tokenizer trained on the train split)
     minilm          scripts/import_hf.py --hf-dir all-MiniLM-L6-v2 (mean pooling, fresh head), then
                     scripts/train.py --init-from it, train.learning_rate=5e-5
 
@@ -212,7 +212,7 @@ def run_jaxclf(method: str, dataset: str, train_file: Path, test_file: Path, n_t
     common = [f"train.eval_steps={NEVER}", f"train.save_steps={NEVER}", "train.progress_bar=false",
               f"train.num_train_epochs={epochs}"] + ([f"train.max_steps={max_steps}"] if max_steps else [])
     if method == "jaxclf_scratch":
-        train_cmd += ["--config", "small", *common, f"model.max_position_embeddings={max_length}",
+        train_cmd += ["--config", "medium", *common, f"model.max_position_embeddings={max_length}",
                       "train.tokenizer_vocab_size=8000"]
         if truncation_head:
             train_cmd.append(f"model.truncation_head={truncation_head}")

@@ -141,7 +141,7 @@ def test_csv_quotes_commas_bom_and_extra_columns(tmp_path, newline):
 
 def test_sample_csv_jsonl_and_array_record_agree(tmp_path):
     texts, labels, report = data.read_examples(SAMPLE_CSV)
-    assert report.rows == len(texts) == 240 and set(labels) == {"negative", "neutral", "positive"}
+    assert report.rows == len(texts) == 1092 and set(labels) == {"negative", "neutral", "positive"}
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t, "label": l, "id": k}) + "\n"
                              for k, (t, l) in enumerate(zip(texts, labels))), encoding="utf-8")
@@ -150,7 +150,7 @@ def test_sample_csv_jsonl_and_array_record_agree(tmp_path):
     for path in (jsonl, records):
         other_texts, other_labels, other_report = data.read_examples(path)
         assert (other_texts, other_labels) == (texts, labels)
-        assert other_report.lines == list(range(1, 241))
+        assert other_report.lines == list(range(1, 1093))
 
 
 def test_integer_labels_become_strings(tmp_path):
@@ -197,7 +197,7 @@ def test_tokenize_once_without_padding():
                                  pad_token_id=0)
     vocab = data.label_vocabulary(labels)
     ds = data.tokenize_dataset(tok, texts, data.label_ids(labels, vocab, SAMPLE_CSV))
-    assert len(ds) == 240 and ds.ids.dtype == np.int32 and ds.labels.dtype == np.int32
+    assert len(ds) == 1092 and ds.ids.dtype == np.int32 and ds.labels.dtype == np.int32
     assert ds.lengths.max() == 32 and ds.lengths.min() < 32  # truncated, not padded
     assert tok.padding is not None  # the caller's tokenizer keeps its padding
     ids, mask = tokenization.TextEncoder(tok).encode(texts[:20])
