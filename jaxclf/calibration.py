@@ -49,6 +49,7 @@ def _checked(scores: np.ndarray, labels: Sequence[int], what: str) -> tuple[np.n
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 probabilities (N, C) of logits (any float dtype): the one softmax of predictions and metrics."""
     z = np.asarray(logits, np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)

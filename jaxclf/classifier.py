@@ -13,15 +13,10 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 from jaxclf import model_dir, tokenizer as tokenization, weights
+from jaxclf.calibration import softmax  # noqa: F401 (float64 probabilities; re-exported for callers)
 from jaxclf.config import ModelConfig
 from jaxclf.model import TransformerClassifier, create_model
 from jaxclf.tokenizer import bucket_for, length_buckets
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def predictions(logits: np.ndarray, labels: Sequence[str]) -> list[dict[str, Any]]:

@@ -74,11 +74,6 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    """float64 probabilities (N, C) of float32 logits, as TextClassifier.predict computes them."""
-    return classifier.softmax(np.asarray(logits, dtype=np.float64))
-
-
 class _Progress:
     """tqdm over input bytes (so the ETA holds for any row size), with this process's rows/s beside it."""
 
@@ -121,7 +116,7 @@ class _ShardAssembler:
         if self.writer is None:
             self.writer = ShardWriter(self.out, chunk.block, self.config.format, self.labels, self.config.logits,
                                       ids_are_positions=self.config.id_field is None)
-        probabilities = _softmax(logits)
+        probabilities = classifier.softmax(logits)
         self.writer.add(chunk.ids, logits, probabilities)
         self._label_ids.append(probabilities.argmax(axis=1))
         self._confidence.append(probabilities.max(axis=1))
