@@ -148,8 +148,9 @@ class ModelConfig:
         """The chunks rule's settings (jaxclf.long_text.Chunking), or None under truncate / head_tail."""
         if self.long_text != "chunks":
             return None
-        stride = self.chunk_stride or max(1, (self.max_position_embeddings - 2) * 3 // 4)
-        return Chunking(stride, self.max_chunks, self.chunk_overflow, self.chunk_pooling)
+        # stride None: TextEncoder resolves it from the tokenizer's window, which may be shorter than
+        # max_position_embeddings (an imported MiniLM reads 256 of its 512 positions).
+        return Chunking(self.chunk_stride, self.max_chunks, self.chunk_overflow, self.chunk_pooling)
 
     @property
     def head_dim(self) -> int:

@@ -38,6 +38,8 @@ from jaxclf.errors import JaxclfError
 LONG_TEXT_RULES = ("truncate", "head_tail", "chunks")
 CHUNK_POOLINGS = ("mean", "max", "weighted")
 CHUNK_OVERFLOWS = ("truncate", "refuse")
+# ModelConfig's fields of the chunks rule, with long_text itself (truncation_head belongs to head_tail)
+LONG_TEXT_FIELDS = ("long_text", "chunk_stride", "max_chunks", "chunk_overflow", "chunk_pooling")
 
 
 class TextTooLongError(JaxclfError, ValueError):
@@ -48,10 +50,18 @@ class TextTooLongError(JaxclfError, ValueError):
 class Chunking:
     """The `chunks` rule's settings, from ModelConfig (see there for their defaults)."""
 
-    stride: int  # text tokens between the starts of two consecutive windows
+    stride: int | None  # text tokens between the starts of two consecutive windows; None: 3/4 of a window
     max_windows: int
     overflow: str = "truncate"
     pooling: str = "mean"
+
+    def for_window(self, window: int) -> "Chunking":
+        """These settings for windows of `window` text tokens: the default stride resolved, a longer one refused."""
+        stride = self.stride if self.stride is not None else max(1, window * 3 // 4)
+        if not 1 <= stride <= window:
+            raise ValueError(f"chunk_stride {stride} must be in [1, {window}], the text tokens of one window "
+                             f"(a larger stride would skip tokens between windows)")
+        return dataclasses.replace(self, stride=stride)
 
 
 def window_spans(num_tokens: int, window: int, chunking: Chunking) -> list[tuple[int, int]]:

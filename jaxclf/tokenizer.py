@@ -177,6 +177,7 @@ class TextEncoder:
             self._suffix = probe.ids[content[-1] + 1:]
             if self.max_length - len(self._prefix) - len(self._suffix) < 1:
                 raise ValueError(f"chunks: max length {self.max_length} leaves no room for text")
+            self.chunking = chunking.for_window(self.max_length - len(self._prefix) - len(self._suffix))
 
     @classmethod
     def for_config(cls, tok: Tokenizer, config: ModelConfig) -> "TextEncoder":

@@ -104,6 +104,18 @@ def test_encoder_windows_of_a_long_text_and_a_short_one(tok):
         encoder.ids([short])
 
 
+def test_default_stride_follows_the_tokenizer_window_not_the_position_table(tok):
+    # An imported MiniLM has 512 positions but reads 256-token windows: the default stride is 3/4 of
+    # the window the tokenizer gives (here 14 text tokens -> 10), never one that skips tokens.
+    encoder = tokenization.TextEncoder.for_config(tok, ModelConfig(max_position_embeddings=512, long_text="chunks"))
+    assert encoder.chunking.stride == 10
+    spans = window_spans(30, 14, encoder.chunking)
+    assert all(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # consecutive windows overlap: no token skipped
+    with pytest.raises(ValueError, match="chunk_stride 20 must be in \\[1, 14\\]"):
+        tokenization.TextEncoder.for_config(tok, ModelConfig(max_position_embeddings=512, long_text="chunks",
+                                                             chunk_stride=20))
+
+
 def test_refused_overflow_names_the_example_in_training_data(tok):
     long_doc = " ".join(FILLER * 2)
     with pytest.raises(data.DataError,
@@ -136,7 +148,7 @@ def test_chunks_config_round_trips_config_json_and_a_hf_export_warns(tmp_path, t
     d = TextClassifier(create_model(config), Tokenizer.from_str(tok.to_str())).save(tmp_path / "m")
     loaded = model_dir.read_config(d)
     assert loaded == config and loaded.chunking == Chunking(5, 3, "refuse", "weighted")
-    assert ModelConfig(max_position_embeddings=130, long_text="chunks").chunking.stride == 96  # 3/4 of 128
+    assert ModelConfig(max_position_embeddings=130, long_text="chunks").chunking.stride is None  # TextEncoder: 3/4 of its window
     from jaxclf import hf
 
     with caplog.at_level("WARNING", logger="jaxclf.hf"):

@@ -92,7 +92,7 @@ def metadata(directory: str | os.PathLike, twin: torch_ref.TorchClassifier) -> d
         "max_length": twin.encoder.max_length,
         "long_text": config.long_text,
         "truncation_head": config.truncation_head,
-        "chunking": None if config.chunking is None else dataclasses.asdict(config.chunking),
+        "chunking": None if twin.encoder.chunking is None else dataclasses.asdict(twin.encoder.chunking),
         "pad_token_id": config.pad_token_id,
     }
     return {METADATA_PREFIX + k: json.dumps(v) for k, v in values.items()}
