@@ -62,6 +62,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from jaxclf import calibration, model_dir, tokenizer as tokenization, weights
 from jaxclf.config import ConfigError, ModelConfig
 from jaxclf.errors import JaxclfError
+from jaxclf.long_text import LONG_TEXT_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -539,11 +540,14 @@ def _label_names(labels: Sequence[str] | None, num_classes: int | None) -> tuple
 
 def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, labels: Sequence[str] | None = None,
               num_classes: int | None = None, max_length: int | None = None, seed: int = 0,
-              truncation_head: int | None = None, allow_regex_tokenizer: bool = False) -> Path:
+              truncation_head: int | None = None, long_text: Mapping[str, Any] | None = None,
+              allow_regex_tokenizer: bool = False) -> Path:
     """Convert a HF BERT-family checkpoint directory (or a known name) into a jaxclf model directory.
 
     labels / num_classes: the classes of a fresh head; required when the checkpoint has no
     classifier; with a classifier of another size they replace it. seed: the fresh tensors' init.
+    long_text: ModelConfig's long-text settings for the model directory, e.g. {"long_text": "chunks",
+    "chunk_pooling": "max"} (keys: LONG_TEXT_FIELDS); truncation_head is the head_tail rule's.
     allow_regex_tokenizer: accept a tokenizer with regex steps (see model_dir.check_tokenizer_regex).
     """
     labels = _label_names(labels, num_classes)
@@ -587,11 +591,19 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, labels: Sequ
             raise HFCheckpointError(f"--truncation-head must be in [1, {length}), the max length in tokens; "
                                     f"got {truncation_head}")
         config = config.replace(truncation_head=truncation_head)
+    if long_text:
+        unknown = sorted(set(long_text) - set(LONG_TEXT_FIELDS))
+        if unknown:
+            raise HFCheckpointError(f"long-text settings {unknown} are not among {list(LONG_TEXT_FIELDS)}")
+        try:
+            config = config.replace(**long_text)
+        except ConfigError as e:
+            raise HFCheckpointError(f"long-text settings {dict(long_text)}: {e}") from None
     tok = tokenization.configure(tok, length, pad_id)
     dropped = sorted(dropped + head.dropped)
     provenance = {"hf_dir": str(root), "architecture": arch, "sentence_transformers": bool(st),
                   "pooling": head.pooling, "fresh_tensors": sorted(head.fresh), "dropped_tensors": dropped,
-                  "max_length": length, "truncation_head": truncation_head}
+                  "max_length": length, "truncation_head": truncation_head, "long_text": dict(long_text or {})}
     log.info("importing %s (%s, %d layers, d_model %d) -> %s; fresh: %s; dropped: %s", root, arch,
              config.num_encoder_layers, config.d_model, output, head.fresh or "none", dropped or "none")
     return model_dir.write(output, config, tensors, tok, metrics={"imported_from": provenance})

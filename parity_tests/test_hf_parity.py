@@ -297,6 +297,23 @@ def test_import_with_head_tail_truncation(classifier_dir, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_import_reads_long_texts_as_chunks(classifier_dir, tmp_path, capsys):
+    """--long-text chunks (and its settings) is recorded in config.json; windows are of the import's max length."""
+    import_script = _load_script("import_hf")
+    assert import_script.main(["--hf-dir", str(classifier_dir[0]), "--output", str(tmp_path / "ch"),
+                               "--max-length", "20", "--long-text", "chunks", "--chunk-pooling", "max"]) == 0
+    clf = jaxclf.load(tmp_path / "ch")
+    assert (clf.config.long_text, clf.config.chunk_pooling, clf.encoder.max_length) == ("chunks", "max", 20)
+    assert clf.encoder.chunking.stride == 13  # 3/4 of the 18 text tokens of a window, not of 64 positions
+    long_text = " ".join(texts() * 5)
+    assert len(clf.encoder.windows([long_text]).rows) > 1 and clf.logits([long_text]).shape == (1, clf.config.num_classes)
+    capsys.readouterr()
+    assert import_script.main(["--hf-dir", str(classifier_dir[0]), "--output", str(tmp_path / "bad"),
+                               "--long-text", "chunks", "--truncation-head", "8"]) == 2
+    assert "truncation_head=8 belongs to long_text=head_tail" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_explicit_max_length_overrides_the_checkpoint_limit_up_to_the_positions(classifier_dir, tmp_path):
     """tokenizer_config says 48 tokens, the model has 64 positions: --max-length 64 reads 64, 65 is refused."""
     clf = jaxclf.load(hf.import_hf(classifier_dir[0], tmp_path / "long", max_length=64))

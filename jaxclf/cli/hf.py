@@ -19,6 +19,7 @@ import logging
 import sys
 
 from jaxclf.errors import JaxclfError
+from jaxclf.long_text import CHUNK_OVERFLOWS, CHUNK_POOLINGS, LONG_TEXT_FIELDS, LONG_TEXT_RULES
 
 
 def _import_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,16 @@ def _import_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncation-head", type=int, default=None,
                    help="head+tail truncation: a longer text keeps its first N tokens and its last "
                         "(max length - N); default: keep the first max length tokens")
+    p.add_argument("--long-text", choices=LONG_TEXT_RULES,
+                   help="how a text longer than --max-length is read (model.long_text; default truncate, or "
+                        "head_tail with --truncation-head); chunks: whole, as overlapping windows")
+    p.add_argument("--chunk-stride", type=int, help="chunks: text tokens between window starts "
+                                                    "(default: 3/4 of a window)")
+    p.add_argument("--max-chunks", type=int, help="chunks: windows read per text (default 8)")
+    p.add_argument("--chunk-overflow", choices=CHUNK_OVERFLOWS,
+                   help="chunks: a text past --max-chunks windows is cut or refused (default truncate)")
+    p.add_argument("--chunk-pooling", choices=CHUNK_POOLINGS,
+                   help="chunks: a text's logits from its windows' (default mean)")
     p.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised head (default 0)")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -48,8 +59,10 @@ def import_main(argv: list[str] | None = None) -> int:
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     try:
         from jaxclf.hf import import_hf
+        long_text = {k: getattr(args, k) for k in LONG_TEXT_FIELDS if getattr(args, k) is not None}
         out = import_hf(args.hf_dir, args.output, labels=labels, num_classes=args.num_classes,
-                        max_length=args.max_length, seed=args.seed, truncation_head=args.truncation_head)
+                        max_length=args.max_length, seed=args.seed, truncation_head=args.truncation_head,
+                        long_text=long_text)
     except (JaxclfError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
