@@ -145,6 +145,20 @@ def test_vocab_size_set_in_the_model_config_is_honoured(caplog):
         prepare_data(model.replace(vocab_size=20), cfg)
 
 
+def test_fine_tuning_a_longer_model_than_the_preset_buckets_adds_its_max_length(tmp_path, tiny_model_dir):
+    """The small preset's buckets stop at 64 tokens; a model fine-tuned from init_from reads up to its own
+    max length (an imported MiniLM: 256), which becomes the last bucket instead of a refused example."""
+    from jaxclf.train.loop import prepare_data
+    from jaxclf.train.presets import get_preset
+    model, cfg = get_preset("small")
+    long_rows = tmp_path / "long.csv"
+    long_rows.write_text("text,label\n" + "".join(f'"{" ".join(["good tasty food"] * 12)} {i}",positive\n'
+                                                    f'"bad",negative\n"fine",neutral\n' for i in range(4)))
+    prepared = prepare_data(model, cfg.replace(train_file=str(long_rows), init_from=str(tiny_model_dir),
+                                               length_buckets=(16,), eval_split=0.0))
+    assert prepared.buckets == (16, 32) and int(prepared.train_ds.lengths.max()) == 32
+
+
 def test_dotted_overrides_parse_by_field_type():
     model, train_cfg = get_preset("tiny")
     model, train_cfg = apply_overrides(model, train_cfg, [

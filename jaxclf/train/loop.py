@@ -181,6 +181,13 @@ def prepare_data(model_cfg: ModelConfig, cfg: TrainingConfig, tokenizer: Tokeniz
     if max(buckets) > config.max_position_embeddings:
         raise ConfigError(f"length_buckets {list(buckets)} exceed max_position_embeddings="
                           f"{config.max_position_embeddings}")
+    max_length = tok.truncation["max_length"]
+    if max(buckets) < max_length:
+        # A preset's buckets are sized to its own model (small: 32, 64); a model fine-tuned from
+        # init_from (MiniLM: 256 tokens) reads longer rows, which need a bucket of its max length.
+        log.info("length_buckets %s stop below the max length %d: adding it as the last bucket",
+                 list(buckets), max_length)
+        buckets = (*buckets, max_length)
     # Under long_text=chunks a long text is several rows (windows) carrying its label; evaluation
     # pools them back into one score per text (data.tokenize_dataset, evaluate.sharded_logits).
     rule = dict(truncation_head=config.truncation_head, chunking=config.chunking)
