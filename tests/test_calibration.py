@@ -196,6 +196,12 @@ def test_evaluate_command_reports_the_calibrated_ece(calibrated_run, capsys):
     assert report["ece"] == pytest.approx(recorded["ece"], abs=1e-5)
     assert report["brier"] == pytest.approx(recorded["brier"], abs=1e-5)
     assert f"ECE {report['ece']:.4f}" in captured.err
+    # ...and the ECE before scaling (at temperature 1), as the export measured it on the same rows
+    calibrated = json.loads((out / "model" / "metrics.json").read_text())["calibration"]
+    assert report["uncalibrated"]["temperature"] == pytest.approx(calibrated["temperature"])
+    assert report["uncalibrated"]["ece"] == pytest.approx(calibrated["ece_before"], abs=1e-4)
+    assert report["uncalibrated"]["brier"] == pytest.approx(calibrated["brier_before"], abs=1e-4)
+    assert f"at temperature 1: ECE {report['uncalibrated']['ece']:.4f}" in captured.err
 
 
 def test_calibrate_false_exports_the_temperature_unchanged(overconfident_model, tmp_path):

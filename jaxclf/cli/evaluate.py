@@ -4,8 +4,8 @@
 
 The report is the one training records in OUTPUT/model/metrics.json ("eval"): accuracy, macro
 F1/precision/recall, per-class scores, the confusion matrix, the loss, the expected calibration
-error ("ece") and Brier score ("brier") of the model's confidences, and the confidence and
-predicted-label distributions; plus skipped_rows with --skip-bad-rows. The JSON goes to stdout,
+error ("ece") and Brier score ("brier") of the model's confidences (for a calibrated model also
+"uncalibrated": the same at temperature 1), and the confidence and predicted-label distributions; plus skipped_rows with --skip-bad-rows. The JSON goes to stdout,
 a one-line summary (accuracy, macro-F1, ECE, Brier) to stderr.
 """
 
@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     report["skipped_rows"] = len(read.skipped)
     print(json.dumps(report, indent=2))
     print(f"{report['num_examples']} examples: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
-          f"ECE {report['ece']:.4f}, Brier {report['brier']:.4f}", file=sys.stderr)
+          f"ECE {report['ece']:.4f}, Brier {report['brier']:.4f}"
+          + (f" (at temperature 1: ECE {report['uncalibrated']['ece']:.4f}, Brier {report['uncalibrated']['brier']:.4f})"
+             if "uncalibrated" in report else ""), file=sys.stderr)
     return 0
 
 

@@ -43,9 +43,23 @@ def evaluation_report(logits: np.ndarray, label_ids: Sequence[int], label_names:
 def evaluate_classifier(clf: TextClassifier, texts: Sequence[str], labels: Sequence[str], *,
                         source: str | os.PathLike = "evaluation data", lines: Sequence[int] | None = None,
                         batch_size: int = 64) -> dict[str, Any]:
-    """Evaluate a classifier on labelled texts; a label the model does not know is a DataError naming `source`."""
+    """Evaluate a classifier on labelled texts; a label the model does not know is a DataError naming `source`.
+
+    A calibrated model (config.temperature != 1) also gets "uncalibrated": the ECE, Brier score and
+    loss of its logits at temperature 1, i.e. before the export's temperature scaling.
+    """
     y = data.label_ids(labels, clf.labels, source, lines=lines)
-    return evaluation_report(clf.logits(list(texts), batch_size=batch_size), y, clf.labels)
+    logits = clf.logits(list(texts), batch_size=batch_size)
+    report = evaluation_report(logits, y, clf.labels)
+    temperature = clf.config.temperature
+    if temperature != 1.0 and len(y):
+        raw = np.asarray(logits, np.float64) * temperature  # the model divides by its temperature last
+        probs = softmax(raw)
+        report["uncalibrated"] = {"temperature": temperature,
+                                  "ece": calibration.expected_calibration_error(probs, y),
+                                  "brier": calibration.brier_score(probs, y),
+                                  "loss": mean_cross_entropy(raw, y)}
+    return report
 
 
 def sharded_logits(eval_step: Callable, params: Any, ds: data.TokenizedDataset, *, mesh,
