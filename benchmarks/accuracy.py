@@ -8,14 +8,18 @@ stratified, seed 0; prepared here if data/NAME/ is missing) and is scored on the
     tfidf_logreg    the same features + LogisticRegression(max_iter=1000)         scikit-learn defaults
     jaxclf_scratch  scripts/train.py --config medium (tokenizer trained on the train split)
     minilm          scripts/import_hf.py --hf-dir all-MiniLM-L6-v2 (mean pooling, fresh head), then
-                    scripts/train.py --init-from it, train.learning_rate=5e-5
+                    scripts/train.py --init-from it (default preset), train.learning_rate=5e-5, 6% warmup
+    distilled       scripts/train.py --config medium --distill-from WORK/DATASET/TEACHER/run/model: the
+                    scratch model trained on a teacher's soft labels (--teacher, default the minilm run)
 
-The jaxclf methods train with `--train train.jsonl --eval test.jsonl`, evaluating only once, at the
-end (eval_steps/save_steps past the last step), so the exported model is the last one: the test
-split never selects a checkpoint. Their metrics come from `scripts/evaluate.py --model OUT/model
---data test.jsonl`; the baselines' from sklearn.metrics. "train s" is the wall time of fitting
-(for jaxclf: the whole train.py process: start-up, tokenization, compilation, training, the one
-test evaluation and the export; "eval s" is the separate evaluate.py process).
+The jaxclf methods hold out --calibration-split of their training rows (stratified, seed 0) as
+`--eval`: the one evaluation, at the end (eval_steps/save_steps past the last step, so the exported
+model is the last one), and the temperature fitted at export are on those rows, never on the test
+split. Their metrics come from `scripts/evaluate.py --model OUT/model --data test.jsonl`: "ECE" is
+the calibrated model's, "ECE T=1" the same logits before temperature scaling; the baselines'
+come from sklearn.metrics. "train s" is the wall time of fitting (for jaxclf: the whole train.py
+process: start-up, tokenization, teacher logits, compilation, training, the one evaluation and the
+export; "eval s" is the separate evaluate.py process).
 
 Settings per data set and/or method take `VALUE` (all) or `KEY=VALUE,...` with KEY a data set, a
 method, or DATASET:METHOD (DATASET:METHOD wins over METHOD, METHOD over DATASET):
@@ -24,6 +28,8 @@ method, or DATASET:METHOD (DATASET:METHOD wins over METHOD, METHOD over DATASET)
     python benchmarks/accuracy.py --datasets bbcnews --methods minilm --max-length 128 --epochs 3 --variant len128
     python benchmarks/accuracy.py --datasets tweets --methods minilm --max-train all --epochs 1 --variant full-train
     python benchmarks/accuracy.py --datasets bbcnews --methods minilm --truncation-head 128 --variant head-tail
+    python benchmarks/accuracy.py --datasets bbcnews --methods minilm --long-text chunks --variant chunks
+    python benchmarks/accuracy.py --datasets tweets --methods distilled --teacher minilm@full-train
     python benchmarks/accuracy.py --set minilm:train.per_device_train_batch_size=32
     python benchmarks/accuracy.py --max-steps 3 --max-test 40 --max-train 200 --name accuracy_smoke --fresh  # smoke
 
@@ -53,15 +59,21 @@ from common import RESULTS, markdown_table, write_results  # noqa: E402
 log = logging.getLogger("accuracy")
 
 DATASETS = ("bbcnews", "tweets")
-METHODS = ("tfidf_svc", "tfidf_logreg", "jaxclf_scratch", "minilm")
-JAXCLF_METHODS = ("jaxclf_scratch", "minilm")
+METHODS = ("tfidf_svc", "tfidf_logreg", "jaxclf_scratch", "minilm", "distilled")
+JAXCLF_METHODS = ("jaxclf_scratch", "minilm", "distilled")
 # Defaults sized for a 2-core CPU (see benchmarks/README.md): each BBC fine-tune ~20 min at most.
-DEFAULT_EPOCHS = "jaxclf_scratch=8,minilm=2,tweets:jaxclf_scratch=3"
+DEFAULT_EPOCHS = "jaxclf_scratch=8,minilm=2,distilled=8,tweets:jaxclf_scratch=3,tweets:distilled=3"
 # Tweets: 99.5% fit in 64 wordpieces; a cap of 64 keeps a rare long (mojibake) tweet from padding its batch to 128.
-DEFAULT_MAX_LENGTH = "jaxclf_scratch=128,minilm=256,tweets:jaxclf_scratch=64,tweets:minilm=64"
+DEFAULT_MAX_LENGTH = "jaxclf_scratch=128,minilm=256,distilled=128,tweets:jaxclf_scratch=64,tweets:minilm=64," \
+                     "tweets:distilled=64"
+DEFAULT_CALIBRATION_SPLIT = 0.1
 DEFAULT_MAX_TRAIN = "tweets:minilm=8000"
 # Short texts: a batch of 32 amortises the per-step optimiser update over the 22M (MiniLM) parameters.
-DEFAULT_SETS = ("tweets:train.per_device_train_batch_size=32",)
+# BBC: 16 (the batch of the earlier truncate/head_tail rows), so a 2-epoch fine-tune still makes ~500 steps.
+DEFAULT_SETS = ("tweets:train.per_device_train_batch_size=32", "bbcnews:train.per_device_train_batch_size=16")
+# The preset each jaxclf method starts from: `medium` is the 4-layer d256 model trained from scratch;
+# MiniLM brings its own model, and takes the default preset's training settings.
+PRESET = {"jaxclf_scratch": "medium", "distilled": "medium", "minilm": "small"}
 NEVER = 10 ** 9  # eval_steps / save_steps past the last step: evaluate and save once, at the end
 SUBSAMPLE_SEED = 0
 
@@ -133,6 +145,17 @@ def ensure_split(name: str, data_root: Path) -> Path:
     return directory
 
 
+def calibration_split(folder: Path, train, keep: list[int], fraction: float, tag: str) -> tuple[Path, Path, int]:
+    """(train file, calibration file, training rows): `keep`'s rows less a stratified `fraction` (seed 0)."""
+    from jaxclf.train.data import stratified_split
+    labels = [train[1][i] for i in keep]
+    fit, held = stratified_split(labels, fraction, seed=SUBSAMPLE_SEED)
+    rows = lambda idx: ([train[0][keep[i]] for i in idx], [train[1][keep[i]] for i in idx])
+    name = f"train_{tag}_cal{fraction:g}"
+    return (write_jsonl(folder / f"{name}_fit.jsonl", *rows(fit)),
+            write_jsonl(folder / f"{name}_held.jsonl", *rows(held)), len(fit))
+
+
 def stratified_subset(labels: list[str], n: int, seed: int) -> list[int]:
     """About n indices (every label in proportion), chosen by seed; all of them when n >= len(labels)."""
     if n >= len(labels):
@@ -183,45 +206,68 @@ def run_command(cmd: list[str], log_path: Path) -> tuple[str, float]:
 
 
 def truncated_fraction(model_dir: Path, texts: list[str]) -> tuple[float, int]:
-    """(fraction of texts longer than the model's truncation, that length), counted with its tokenizer."""
+    """(fraction of texts the model does not read whole, its max length), counted with its tokenizer and rule.
+
+    Under long_text=chunks a text is cut only past its max_chunks windows.
+    """
     from tokenizers import Tokenizer
+    from jaxclf.model_dir import read_config
+    from jaxclf.tokenizer import TextEncoder
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    limit = tok.truncation["max_length"] if tok.truncation else None
+    encoder = TextEncoder.for_config(tok, read_config(model_dir))
+    limit = encoder.max_length
+    if encoder.chunking is not None:
+        special = len(tok.encode("a").ids) - len(tok.encode("a", add_special_tokens=False).ids)
+        chunks = encoder.chunking
+        limit_text = limit - special + (chunks.max_windows - 1) * chunks.stride
+        tok.no_truncation()
+        tok.no_padding()
+        lengths = [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
+        return sum(n > limit_text for n in lengths) / len(lengths), limit
     tok.no_truncation()
     tok.no_padding()
     lengths = [len(e.ids) for e in tok.encode_batch(texts)]
-    return (sum(n > limit for n in lengths) / len(lengths) if limit else 0.0), limit
+    return sum(n > limit for n in lengths) / len(lengths), limit
 
 
-def run_jaxclf(method: str, dataset: str, train_file: Path, test_file: Path, n_train: int, out: Path,
-               epochs: float, max_length: int, labels: list[str], overrides: list[str], max_steps: int | None,
-               test_texts: list[str], truncation_head: str | None = None) -> dict:
+def run_jaxclf(method: str, dataset: str, train_file: Path, eval_file: Path, test_file: Path, n_train: int,
+               out: Path, epochs: float, max_length: int, labels: list[str], overrides: list[str],
+               max_steps: int | None, test_texts: list[str], truncation_head: str | None = None,
+               long_text: dict[str, str] | None = None, teacher: Path | None = None) -> dict:
     if out.exists():  # train.py resumes from checkpoints in its output directory: start clean
         shutil.rmtree(out)
     out.mkdir(parents=True)
     log_path = out / "log.txt"
     commands, import_s = [], 0.0
-    batch = 16  # both presets' per_device_train_batch_size unless overridden below
+    from jaxclf.train.presets import get_preset
+    batch = get_preset(PRESET[method])[1].per_device_train_batch_size
     for o in overrides:
         if o.startswith("train.per_device_train_batch_size="):
             batch = int(o.split("=", 1)[1])
     import jax
     total_steps = max_steps or math.ceil(epochs * (n_train // (batch * jax.device_count())))
-    train_cmd = ["scripts/train.py", "--train", str(train_file), "--eval", str(test_file),
+    train_cmd = ["scripts/train.py", "--train", str(train_file), "--eval", str(eval_file),
                  "--output", str(out / "run"), "--log-level", "INFO"]
     common = [f"train.eval_steps={NEVER}", f"train.save_steps={NEVER}", "train.progress_bar=false",
               f"train.num_train_epochs={epochs}"] + ([f"train.max_steps={max_steps}"] if max_steps else [])
-    if method == "jaxclf_scratch":
-        train_cmd += ["--config", "medium", *common, f"model.max_position_embeddings={max_length}",
+    long_text = long_text or {}
+    if method in ("jaxclf_scratch", "distilled"):
+        train_cmd += ["--config", PRESET[method], *common, f"model.max_position_embeddings={max_length}",
                       "train.tokenizer_vocab_size=8000"]
         if truncation_head:
             train_cmd.append(f"model.truncation_head={truncation_head}")
+        train_cmd += [f"model.{key}={value}" for key, value in long_text.items()]
+        if method == "distilled":
+            if not (teacher / "config.json").is_file():
+                raise RuntimeError(f"distilled: no teacher model at {teacher}; run its method first (--teacher)")
+            train_cmd += ["--distill-from", str(teacher)]
     else:
         base = out / "minilm_init"
         import_cmd = ["scripts/import_hf.py", "--hf-dir", "all-MiniLM-L6-v2", "--output", str(base),
                       "--labels", ",".join(labels), "--max-length", str(max_length)]
         if truncation_head:
             import_cmd += ["--truncation-head", truncation_head]
+        import_cmd += [f"--{key.replace('_', '-')}={value}" for key, value in long_text.items()]
         _, import_s = run_command(import_cmd, log_path)
         commands.append(import_cmd)
         warmup = max(1, round(0.06 * total_steps))  # 6% warmup, then linear decay
@@ -236,15 +282,49 @@ def run_jaxclf(method: str, dataset: str, train_file: Path, test_file: Path, n_t
     commands.append(eval_cmd)
     metrics = json.loads(stdout)
     truncated, limit = truncated_fraction(out / "run" / "model", test_texts)
-    if abs(summary.get("accuracy", metrics["accuracy"]) - metrics["accuracy"]) > 1e-6:
-        log.warning("%s %s: train.py's final test accuracy %.4f differs from evaluate.py's %.4f", dataset, method,
-                    summary["accuracy"], metrics["accuracy"])
+    pooling = {}
+    if read_config_rule(out / "run" / "model") == "chunks":
+        pooling = other_poolings(out / "run" / "model", test_file, log_path, commands)
+    exported = json.loads((out / "run" / "model" / "metrics.json").read_text())
+    from jaxclf.model_dir import read_config
+    config = read_config(out / "run" / "model")
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "train_s": train_s,
             "eval_s": eval_s, "import_s": import_s or None, "steps": summary["steps"],
+            "ece": metrics["ece"], "ece_t1": metrics.get("uncalibrated", {"ece": metrics["ece"]})["ece"],
+            "temperature": config.temperature, "calibration": exported.get("calibration"),
             "train_py_summary": summary, "evaluate": metrics,
             "test_truncated_fraction": truncated, "max_length": limit,
             "truncation_head": int(truncation_head) if truncation_head else None,
+            "long_text": {k: getattr(config, k) for k in ("long_text", "chunk_stride", "max_chunks", "chunk_pooling")},
+            "teacher": str(teacher) if teacher else None, "other_poolings": pooling,
             "commands": [" ".join(["python", *c]) for c in commands]}
+
+
+def read_config_rule(model: Path) -> str:
+    from jaxclf.model_dir import read_config
+    return read_config(model).long_text
+
+
+def other_poolings(model: Path, test_file: Path, log_path: Path, commands: list) -> dict:
+    """Under chunks: the test metrics of the same trained model with each other pooling rule (a config.json
+    change: the windows' logits are the same, only how a document's are combined differs)."""
+    from jaxclf.long_text import CHUNK_POOLINGS
+    config = json.loads((model / "config.json").read_text())
+    out = {}
+    for rule in CHUNK_POOLINGS:
+        if rule == config["model"]["chunk_pooling"]:
+            continue
+        copy = model.parent / f"model_pooling_{rule}"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(model, copy)
+        changed = {**config, "model": {**config["model"], "chunk_pooling": rule}}
+        (copy / "config.json").write_text(json.dumps(changed, indent=2))
+        eval_cmd = ["scripts/evaluate.py", "--model", str(copy), "--data", str(test_file)]
+        stdout, _ = run_command(eval_cmd, log_path)
+        commands.append(eval_cmd)
+        metrics = json.loads(stdout)
+        out[rule] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"]}
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -262,6 +342,17 @@ def parse_args(argv=None):
                    help="head+tail truncation for the jaxclf methods: a longer text keeps its first N tokens and "
                         "its last (max length - N) (model.truncation_head / import --truncation-head); "
                         "default: keep the first max length tokens")
+    p.add_argument("--long-text", default=None,
+                   help="long-text rule of the jaxclf methods (truncate, head_tail, chunks; default truncate)")
+    p.add_argument("--chunk-pooling", default=None, help="chunks: mean, max or weighted (default mean)")
+    p.add_argument("--chunk-stride", default=None, help="chunks: text tokens between windows (default 3/4 window)")
+    p.add_argument("--max-chunks", default=None, help="chunks: windows read per text (default 8)")
+    p.add_argument("--teacher", default="minilm",
+                   help="distilled: the teacher, METHOD or METHOD@VARIANT of an earlier run of this benchmark on "
+                        "the same data set (its model in WORK/DATASET/METHOD[@VARIANT]/run/model; default minilm)")
+    p.add_argument("--calibration-split", type=float, default=DEFAULT_CALIBRATION_SPLIT,
+                   help="fraction of the jaxclf methods' training rows held out for the end-of-run evaluation and "
+                        f"the temperature fit (default {DEFAULT_CALIBRATION_SPLIT})")
     p.add_argument("--max-train", default=DEFAULT_MAX_TRAIN,
                    help="train the jaxclf methods on a stratified subsample of about N training rows (seed 0), "
                         "or on all of them (all); "
@@ -294,6 +385,8 @@ def main(argv=None) -> int:
     max_length = parse_setting(args.max_length, "max-length")
     truncation_head = parse_setting(args.truncation_head, "truncation-head")
     max_train = parse_setting(args.max_train, "max-train")
+    long_text_settings = {key: parse_setting(getattr(args, key), key.replace("_", "-"))
+                          for key in ("long_text", "chunk_pooling", "chunk_stride", "max_chunks")}
     overrides = parse_overrides([*DEFAULT_SETS, *args.set])
     work = Path(args.work)
     runs = []
@@ -312,20 +405,24 @@ def main(argv=None) -> int:
                    "full_test": not args.max_test, "load_avg_1min_before": os.getloadavg()[0]}
             if method in JAXCLF_METHODS:
                 n = lookup(max_train, dataset, method)
-                train_file = directory / "train.jsonl"
+                keep = list(range(len(train[0])))
                 if n not in (None, "all") and int(n) < len(train[0]):
                     keep = stratified_subset(train[1], int(n), SUBSAMPLE_SEED)
-                    train_file = write_jsonl(work / dataset / f"train_subset_{n}.jsonl",
-                                             [train[0][i] for i in keep], [train[1][i] for i in keep])
-                    run["train_rows"] = len(keep)
                     run["train_subsample"] = {"requested": int(n), "seed": SUBSAMPLE_SEED, "stratified": True}
+                train_file, eval_file, n_fit = calibration_split(work / dataset, train, keep, args.calibration_split,
+                                                                 f"{n}" if run.get("train_subsample") else "all")
+                run["train_rows"], run["calibration_rows"] = n_fit, len(keep) - n_fit
                 run["epochs"] = float(lookup(epochs, dataset, method, "1"))
                 extra = [o for d, m, o in overrides if d in (None, dataset) and m in (None, method)]
-                run.update(run_jaxclf(method, dataset, train_file, test_file, run["train_rows"],
+                long_text = {key: value for key, setting in long_text_settings.items()
+                             if (value := lookup(setting, dataset, method)) is not None}
+                teacher = work / dataset / args.teacher / "run" / "model" if method == "distilled" else None
+                run.update(run_jaxclf(method, dataset, train_file, eval_file, test_file, n_fit,
                                       work / dataset / (method + (f"@{args.variant}" if args.variant else "")),
                                       run["epochs"],
                                       int(lookup(max_length, dataset, method, "128")), labels, extra,
-                                      args.max_steps, test[0], lookup(truncation_head, dataset, method)))
+                                      args.max_steps, test[0], lookup(truncation_head, dataset, method),
+                                      long_text, teacher))
                 run["overrides"] = extra
             else:
                 run.update(run_tfidf(method, train, test))
@@ -343,6 +440,10 @@ def max_len_cell(run: dict) -> str:
     length, head = run.get("max_length"), run.get("truncation_head")
     if not length:
         return "-"
+    chunks = (run.get("long_text") or {}).get("long_text") == "chunks"
+    if chunks:
+        rule = run["long_text"]
+        return f"{length} × ≤{rule['max_chunks']} windows ({rule['chunk_pooling']})"
     return f"{length} (head {head} + tail {length - head})" if head else str(length)
 
 
@@ -361,13 +462,21 @@ def write(args, runs: list[dict]) -> Path:
         method = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
         rows.append([r["dataset"], method, train_rows, f"{r['test_rows']:,}" + ("" if r["full_test"] else " (subset)"),
                      max_len_cell(r), r.get("epochs") or "-", r.get("steps") or "-",
-                     f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['train_s']:.1f}", f"{r['eval_s']:.1f}",
+                     f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
+                     f"{r['ece_t1']:.4f}" if "ece_t1" in r else "-", f"{r['ece']:.4f}" if "ece" in r else "-",
+                     f"{r['temperature']:.2f}" if "ece" in r else "-",
+                     f"{r['train_s']:.1f}", f"{r['eval_s']:.1f}",
                      f"{100 * r['test_truncated_fraction']:.1f}" if "test_truncated_fraction" in r else "-"])
     table = markdown_table(["data set", "method", "train rows", "test rows", "max len", "epochs", "steps",
-                            "accuracy", "macro-F1", "train s", "eval s", "test truncated %"], rows)
-    note = ("Split: scripts/prepare_data.py (duplicates removed, 80/20 stratified, seed 0). jaxclf rows: "
-            "metrics from scripts/evaluate.py on the test split; train s is the whole scripts/train.py process "
-            "(start-up, compilation, training, one test evaluation, export). Commands: NAME.json.\n\n")
+                            "accuracy", "macro-F1", "ECE T=1", "ECE", "T", "train s", "eval s",
+                            "test not read whole %"], rows)
+    note = ("Split: scripts/prepare_data.py (duplicates removed, 80/20 stratified, seed 0). TF-IDF rows: the "
+            "whole train split. jaxclf rows: trained on the train split less a stratified calibration part "
+            "(train rows + calibration_rows in NAME.json; rows without ECE are from before it existed and "
+            "evaluated on test once at the end), metrics from scripts/evaluate.py on the test split; ECE T=1 is "
+            "before temperature scaling, ECE after (15 bins), T fitted on the calibration part; train s is "
+            "the whole scripts/train.py process (start-up, teacher logits, compilation, training, one "
+            "evaluation, export). Commands: NAME.json.\n\n")
     return write_results(args.name, {"runs": every}, note + table)
 
 
