@@ -61,8 +61,8 @@ class EngineConfig:
     device: str = dataclasses.field(default="auto", metadata={
         "help": "where the model runs: cpu, gpu (or cuda), tpu, or auto (JAX's default backend)", "choices": DEVICES})
     max_batch_size: int = 32  # most texts in one compiled call; the largest batch bucket must equal it
-    batch_buckets: tuple[int, ...] | None = None  # batch sizes to compile; none: powers of two to max_batch_size
-    length_buckets: tuple[int, ...] | None = None  # sequence lengths to compile; none: the model's own up to its max
+    batch_buckets: tuple[int, ...] | None = None  # batch sizes to compile; none: 1, powers of 8, max_batch_size
+    length_buckets: tuple[int, ...] | None = None  # sequence lengths to compile; none: 32, 48, 64, powers of 2 to max
     max_wait_ms: float = 0.0  # longest wait for a batch to fill; 0 runs what queued during the previous call
     max_queue_size: int = 256  # texts waiting before a submission is refused (HTTP 503 queue_full)
     cache_size: int = 1000  # entries of the (model version, text hash) LRU result cache; 0 turns it off
