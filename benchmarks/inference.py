@@ -363,7 +363,7 @@ def ratio_table(results: dict) -> str:
     return markdown_table(["seq", "batch"] + [f"jaxclf / {n}" for n in others], rows)
 
 
-def tables(args, results: dict, runtimes: dict, startup: dict) -> str:
+def tables(args, results: dict, runtimes: dict, startup: dict | None) -> str:
     inductor_cache = ("an empty inductor cache" if args.inductor_cache is None
                       else f"inductor cache {args.inductor_cache}")
     anchors = ""
@@ -388,6 +388,8 @@ def tables(args, results: dict, runtimes: dict, startup: dict) -> str:
     main = markdown_table(["seq", "batch", "variant", "examples/s", "p50 ms", "p99 ms", "calls", "compile s",
                            "max abs logit diff vs jaxclf"], variant_rows(results))
     ratios = ("\n\njaxclf's examples/s over each variant's (> 1: jaxclf is faster):\n\n" + ratio_table(results))
+    if startup is None:
+        return model + main + ratios + "\n\n(start-up and memory: not measured yet)"
     cold, cached, serve = startup["engine_cold"], startup["engine_cached"], startup["serve"]
     start_rows = [
         ["InferenceEngine, cold cache", cold["engine_startup_s"], cold["since_launch_s"], cold["executables"],
@@ -459,15 +461,17 @@ def main(argv=None) -> int:
         results, compile_times, runtimes = compare(args, clf, clf.config, onnx_path)
         if export:
             runtimes["export"] = export
+        payload = {"args": {k: v for k, v in vars(args).items() if not k.startswith("probe") and k != "engine_probe"},
+                   "results": results, "compile_times": compile_times, "onnx_runtimes": runtimes}
+        # The throughput table first: a failure in the start-up section below does not lose it.
+        write_results(args.name, payload, tables(args, results, runtimes, None))
         startup = startup_and_memory(args, model_dir, work)
 
     torch_in_server = (startup["engine_cold"]["torch_imported"] or startup["engine_cached"]["torch_imported"]
                        or bool(startup["serve"]["torch_libraries_mapped"]))
     table = tables(args, results, runtimes, startup)
-    payload = {"args": {k: v for k, v in vars(args).items() if not k.startswith("probe") and k != "engine_probe"},
-               "results": results, "compile_times": compile_times, "onnx_runtimes": runtimes, "startup": startup,
-               "torch_imported_by_serving_process": torch_in_server,
-               "wall_s": time.perf_counter() - began}
+    payload.update(startup=startup, torch_imported_by_serving_process=torch_in_server,
+                   wall_s=time.perf_counter() - began)
     path = write_results(args.name, payload, table)
     if not args.no_plot:
         png = RESULTS / f"{args.name}.png"

@@ -64,6 +64,17 @@ def proc_status(pid: int) -> dict[str, float]:
     return out
 
 
+def resident_pages(pid: int) -> dict[str, float]:
+    """Resident memory of a process by kind, in MiB, from /proc/PID/smaps_rollup: Rss, Anonymous (heap,
+    stacks, JAX buffers and executables) and file-backed (Rss - Anonymous: shared libraries' pages)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, value = line.partition(":")
+        fields[key] = int(value.split()[0]) / 1024
+    return {"rss": fields["Rss"], "anonymous": fields["Anonymous"], "file_backed": fields["Rss"] - fields["Anonymous"],
+            "threads": len(list(Path(f"/proc/{pid}/task").iterdir()))}
+
+
 def mapped_torch_libraries(pid: int) -> list[str]:
     """PyTorch shared libraries mapped into a process; non-empty exactly when it imported torch."""
     libs = set()

@@ -1,17 +1,22 @@
 #!/usr/bin/env python
-"""Serving: requests/s and latency of scripts/serve.py under a bounded load, dynamic batching on vs off.
+"""Serving: requests/s, latency and memory of scripts/serve.py under a bounded load, server variants side by side.
 
-Two servers run side by side on 127.0.0.1 (port 0), one with dynamic batching (the default) and one
-with --no-batching, both on the same model and compilation cache. A load generator of our own (threads,
-one keep-alive http.client connection each, a fixed number of requests per level) drives them in
-turn, level by level and round by round (on, off, on, off, ...), so both see the same machine noise.
+Servers run side by side on 127.0.0.1 (port 0), by default one with dynamic batching (the default
+settings) and one with --no-batching (--server NAME=FLAGS picks others, e.g. bucket sets), all on the
+same model and compilation cache. A load generator of our own (threads, one keep-alive http.client
+connection each, a fixed number of requests per level) drives them in turn, level by level and round
+by round (A, B, A, B, ...), so every server sees the same machine noise.
 
 - POST /predict, one text per request, at --concurrency 1,8,32,64: requests/s, p50/p99 latency.
 - POST /predict/batch, --batch-texts texts per request, at --batch-concurrency: predictions/s.
 - Texts are sampled from data/sample_texts.csv (tweet-length reviews), each with a unique counter word
   appended (" u123"), so the server's result cache never answers (checked: cache hits are reported).
 - Start-up: launch to /ready with an empty compilation cache (cold), then with it filled (cached).
-- Memory: VmRSS / VmHWM of each server process; and a check that no server mapped libtorch.
+- Memory: VmRSS / VmHWM of each server process after the load; then --soak-requests more (mixed /predict
+  and /predict/batch) on the first server, and where its resident memory goes: interpreter and imports
+  (a process importing what serve.py imports), the JAX runtime, weights and one executable (a server
+  with one bucket), each further executable, and growth under the load (anonymous vs file-backed
+  pages from /proc/PID/smaps_rollup); and a check that no server mapped libtorch.
 
 The model is a random 4-layer d_model 256 classifier with a tokenizer trained on the sample texts,
 unless --model names a model directory. Everything is bounded and the servers get SIGTERM at the end.
@@ -44,11 +49,11 @@ import numpy as np  # noqa: E402
 from common import (RESULTS, int_list as _ints, markdown_table, median, save_figure, subplots,  # noqa: E402
                     write_results)
 from server_process import (ServerProcess, create_random_model_dir, http_json, metric_sum,  # noqa: E402
-                            sample_texts)
+                            resident_pages, sample_texts)
 
 from jaxclf.serve.config import ServeConfig  # noqa: E402  (JAX-free: the server's defaults)
 
-MODES = ("batching on", "batching off")
+DEFAULT_SERVERS = ("batching on=", "batching off=--no-batching")
 HEADERS = {"Content-Type": "application/json"}
 
 
@@ -64,6 +69,12 @@ def parse_args(argv=None):
                         "model's tokenizer is trained on them, e.g. data/tweets/test.jsonl (scripts/prepare_data.py tweets)")
     p.add_argument("--batch-requests", type=int, default=48, help="/predict/batch requests per level, round and server")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level")
+    p.add_argument("--server", action="append", default=None, metavar="NAME=FLAGS",
+                   help="a server to measure: a name and extra scripts/serve.py flags (repeatable; default: "
+                        f"{' and '.join(repr(x) for x in DEFAULT_SERVERS)}); the first is the soaked one")
+    p.add_argument("--soak-requests", type=int, default=10_000,
+                   help="requests sent to the first server after the measured levels (9 /predict to 1 "
+                        "/predict/batch), before its memory is read again (0: skip the soak and the breakdown)")
     p.add_argument("--threads", type=int, default=None, help="waitress threads per server (default: serve.py's)")
     p.add_argument("--max-wait-ms", type=float, default=None, help="batcher wait (default: serve.py's)")
     p.add_argument("--timeout-s", type=float, default=60.0, help="socket timeout of each client request")
@@ -73,7 +84,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.concurrency, args.requests, args.rounds = [1, 8], 64, 2
-        args.batch_concurrency, args.batch_requests = [1], 8
+        args.batch_concurrency, args.batch_requests, args.soak_requests = [1], 8, 500
+    args.servers = {}
+    for item in args.server or DEFAULT_SERVERS:
+        name, sep, flags = item.partition("=")
+        if not sep or not name.strip() or name in args.servers:
+            p.error(f"--server {item!r} must be NAME=FLAGS with a new NAME")
+        args.servers[name.strip()] = flags.split()
     return args
 
 
@@ -210,7 +227,8 @@ def start_servers(args, model_dir: Path, work: Path, stack: contextlib.ExitStack
         common_args += ["--threads", str(args.threads)]
     if args.max_wait_ms is not None:
         common_args += ["--max-wait-ms", str(args.max_wait_ms)]
-    flags = {"batching on": common_args, "batching off": common_args + ["--no-batching"]}
+    flags = {name: common_args + extra for name, extra in args.servers.items()}
+    first = next(iter(flags))
     startup = {}
 
     def record(label: str, server: ServerProcess) -> None:
@@ -218,22 +236,105 @@ def start_servers(args, model_dir: Path, work: Path, stack: contextlib.ExitStack
         startup[label] = {"launch_to_listening_s": server.listening_s, "launch_to_ready_s": server.ready_s,
                           "engine_startup_s": server.ready_info.get("startup_seconds"),
                           "executables": server.ready_info.get("compilations"), "memory_mib": server.rss(),
+                          "resident": resident_pages(server.proc.pid),
                           "serving": info.get("serving") if status == 200 else None}
         print(f"{label}: ready {server.ready_s:.2f}s after launch (engine {startup[label]['engine_startup_s']}s, "
               f"{startup[label]['executables']} executables), RSS {startup[label]['memory_mib']['VmRSS']:.0f} MiB",
               flush=True)
 
-    with ServerProcess(model_dir, flags["batching on"], cache_dir=cache, log_dir=work, name="cold") as cold:
+    with ServerProcess(model_dir, flags[first], cache_dir=cache, log_dir=work, name="cold") as cold:
         cold.wait_ready()
-        record("batching on, cold cache", cold)
+        record(f"{first}, cold cache", cold)
     servers = {}
-    for mode in MODES:
+    for mode in flags:
         server = stack.enter_context(ServerProcess(model_dir, flags[mode], cache_dir=cache, log_dir=work,
-                                                   name=mode.replace(" ", "-")))
+                                                   name="server-" + str(len(servers))))
         server.wait_ready()
         record(f"{mode}, cached", server)
         servers[mode] = server
     return servers, startup
+
+
+# What serve.py's process holds before the engine loads: the interpreter, its imports, the JAX CPU client.
+IMPORT_PROBE = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from server_process import resident_pages
+import jaxclf.serve.app, jaxclf.serve.engine, jaxclf.serve.server  # what scripts/serve.py loads
+imports = resident_pages(os.getpid())
+import jax
+jax.devices()
+print(json.dumps({"imports": imports, "jax_client": resident_pages(os.getpid())}))
+"""
+
+
+def memory_breakdown(args, model_dir: Path, work: Path, server: ServerProcess, started: dict,
+                     texts: UniqueTexts) -> dict:
+    """Where the soaked server's resident memory goes (MiB), then its growth over --soak-requests requests."""
+    import subprocess
+    probe = subprocess.run([sys.executable, "-c", IMPORT_PROBE, str(Path(__file__).resolve().parent)],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        raise RuntimeError(f"import probe failed:\n{probe.stderr[-2000:]}")
+    imported = json.loads(probe.stdout.strip().splitlines()[-1])
+    max_length = json.loads((model_dir / "config.json").read_text())["model"]["max_position_embeddings"]
+    one_flags = ["--batch-buckets", "1", "--length-buckets", str(max_length)]
+    with ServerProcess(model_dir, one_flags, cache_dir=work / "xla-cache", log_dir=work, name="one-bucket") as one:
+        one.wait_ready()
+        time.sleep(1.0)
+        one_bucket = resident_pages(one.proc.pid)
+    ready = started["resident"]
+    executables = started["executables"] or 1
+    rng = np.random.default_rng(1)
+    bodies = []
+    for i in range(args.soak_requests):  # 9 in 10 /predict, 1 in 10 /predict/batch of 1-32 texts
+        if i % 10 == 9:
+            bodies.append(("/predict/batch", json.dumps({"texts": texts.next(int(rng.integers(1, 33)))}).encode()))
+        else:
+            bodies.append(("/predict", json.dumps({"text": texts.next()[0]}).encode()))
+    began, errors = time.perf_counter(), collections.Counter()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=args.timeout_s)
+    for path, body in bodies:
+        conn.request("POST", path, body, HEADERS)
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            errors[response.status] += 1
+    conn.close()
+    soak_s = time.perf_counter() - began
+    after = resident_pages(server.proc.pid)
+    out = {"imports": imported["imports"], "jax_client": imported["jax_client"], "one_bucket_ready": one_bucket,
+           "ready": ready, "executables": executables, "after_soak": after, "soak_requests": args.soak_requests,
+           "soak_s": soak_s, "soak_errors": dict(errors), "peak": server.rss()["VmHWM"],
+           "per_further_executable": (ready["rss"] - one_bucket["rss"]) / max(1, executables - 1)}
+    print(f"memory: imports {out['imports']['rss']:.0f} MiB, + JAX client {out['jax_client']['rss']:.0f}, one-bucket "
+          f"server {one_bucket['rss']:.0f}, ready ({executables} executables) {ready['rss']:.0f}, after "
+          f"{args.soak_requests} requests {after['rss']:.0f} (peak {out['peak']:.0f}) MiB", flush=True)
+    return out
+
+
+def breakdown_text(m: dict) -> str:
+    rows = [
+        ["interpreter + imports (jaxclf.serve, flask, waitress, tokenizers, jax, flax)", m["imports"]["rss"], "",
+         m["imports"]["anonymous"], m["imports"]["file_backed"]],
+        ["+ the JAX CPU client (jax.devices())", m["jax_client"]["rss"],
+         m["jax_client"]["rss"] - m["imports"]["rss"], m["jax_client"]["anonymous"], m["jax_client"]["file_backed"]],
+        ["+ weights, engine, server threads, 1 executable (a 1-bucket server, after /ready)",
+         m["one_bucket_ready"]["rss"], m["one_bucket_ready"]["rss"] - m["jax_client"]["rss"],
+         m["one_bucket_ready"]["anonymous"], m["one_bucket_ready"]["file_backed"]],
+        [f"+ {m['executables'] - 1} more executables (default buckets, after /ready; "
+         f"{m['per_further_executable']:.1f} MiB each)", m["ready"]["rss"],
+         m["ready"]["rss"] - m["one_bucket_ready"]["rss"], m["ready"]["anonymous"], m["ready"]["file_backed"]],
+        [f"+ growth over {m['soak_requests']:,} requests (after the measured levels)", m["after_soak"]["rss"],
+         m["after_soak"]["rss"] - m["ready"]["rss"], m["after_soak"]["anonymous"], m["after_soak"]["file_backed"]],
+    ]
+    table = markdown_table(["stage", "RSS MiB", "added MiB", "anonymous MiB", "file-backed MiB"], rows)
+    return (f"\n\n### Resident memory of the first server, stage by stage\n\n{table}\n\n"
+            f"After /ready {m['ready']['rss']:.0f} MiB and after {m['soak_requests']:,} more requests (9 /predict to 1 "
+            f"/predict/batch of 1-32 texts, {m['soak_s']:.0f} s, errors: {m['soak_errors'] or 0}) "
+            f"{m['after_soak']['rss']:.0f} MiB; peak {m['peak']:.0f} MiB; {m['after_soak']['threads']} threads. "
+            f"Stages come from separate processes (an import probe, a server with one bucket), so small "
+            f"differences are noise.")
 
 
 def token_lengths(model_dir: Path, texts: UniqueTexts, n: int = 200) -> dict:
@@ -245,24 +346,30 @@ def token_lengths(model_dir: Path, texts: UniqueTexts, n: int = 200) -> dict:
             "example": sample[0]}
 
 
-def tables(args, predict: dict, batch: dict, startup: dict, memory: dict, tokens: dict) -> str:
+def tables(args, predict: dict, batch: dict, startup: dict, memory: dict, tokens: dict, breakdown: dict) -> str:
+    names = list(args.servers)
+    ratio = f"{names[0]} / {names[1]} (req/s)" if len(names) > 1 else "-"
     rows = []
     for level in args.concurrency:
-        on, off = predict[f"batching on/{level}"], predict[f"batching off/{level}"]
-        for r in (on, off):
+        a, b = predict[f"{names[0]}/{level}"], predict[f"{names[-1] if len(names) < 2 else names[1]}/{level}"]
+        for mode in names:
+            r = predict[f"{mode}/{level}"]
             rows.append([level, r["mode"], r["requests_per_s"], r["p50_ms"], r["p99_ms"], r["texts_per_compiled_call"],
                          r["ok"], sum(r["errors"].values()),
-                         on["requests_per_s"] / off["requests_per_s"] if r is on and off["requests_per_s"] else ""])
+                         a["requests_per_s"] / b["requests_per_s"] if mode == names[0] and len(names) > 1 else ""])
     predict_table = markdown_table(["concurrency", "server", "requests/s", "p50 ms", "p99 ms",
-                                    "texts per compiled call", "ok", "errors", "on / off (req/s)"], rows)
+                                    "texts per compiled call", "ok", "errors", ratio], rows)
     rows = []
     for level in args.batch_concurrency:
-        for mode in MODES:
+        for mode in names:
             r = batch[f"{mode}/{level}"]
+            first = batch[f"{names[0]}/{level}"]
             rows.append([level, mode, r["requests_per_s"], r["predictions_per_s"], r["p50_ms"], r["p99_ms"],
-                         r["texts_per_compiled_call"], r["ok"], sum(r["errors"].values())])
+                         r["texts_per_compiled_call"], r["ok"], sum(r["errors"].values()),
+                         first["predictions_per_s"] / r["predictions_per_s"] if mode != names[0] else ""])
     batch_table = markdown_table(["concurrency", "server", "requests/s", "predictions/s", "p50 ms", "p99 ms",
-                                  "texts per compiled call", "ok", "errors"], rows)
+                                  "texts per compiled call", "ok", "errors",
+                                  f"{names[0]} / this (pred/s)"], rows)
     rows = [[label, s["launch_to_listening_s"], s["launch_to_ready_s"], s["engine_startup_s"], s["executables"],
              s["memory_mib"]["VmRSS"]] for label, s in startup.items()]
     start_table = markdown_table(["server start", "launch to listening s", "launch to ready s",
@@ -270,8 +377,9 @@ def tables(args, predict: dict, batch: dict, startup: dict, memory: dict, tokens
     rows = [[mode, m["VmRSS"], m["VmHWM"], ", ".join(m["torch_libraries"]) or "no"] for mode, m in memory.items()]
     memory_table = markdown_table(["server", "RSS after the load MiB", "peak RSS MiB", "torch imported"], rows)
     hits = sum(r["cache_hits"] for r in list(predict.values()) + list(batch.values()))
-    return (f"Model: {args.model_desc}. Client: {args.rounds} interleaved rounds per level (batching on, off, "
-            f"on, ...), {args.requests} /predict or {args.batch_requests} /predict/batch requests per round, "
+    servers = "; ".join(f"{name}: {' '.join(flags) or 'default flags'}" for name, flags in args.servers.items())
+    return (f"Model: {args.model_desc}. Servers: {servers}. Client: {args.rounds} interleaved rounds per level "
+            f"(one server after the other), {args.requests} /predict or {args.batch_requests} /predict/batch requests per round, "
             f"split over the concurrency's threads, one keep-alive connection each, on the same 2-core machine as "
             f"the servers. req/s: median over rounds; p50/p99: over every request. Texts: {args.texts or 'data/sample_texts.csv'} "
             f"sampled at random, each made unique with an appended counter word (e.g. \"{tokens['example']}\") "
@@ -281,12 +389,12 @@ def tables(args, predict: dict, batch: dict, startup: dict, memory: dict, tokens
             f"### POST /predict (one text per request)\n\n{predict_table}\n\n"
             f"### POST /predict/batch ({args.batch_texts} texts per request)\n\n{batch_table}\n\n"
             f"### Start-up (launch to /ready)\n\n{start_table}\n\n"
-            f"### Memory\n\n{memory_table}")
+            f"### Memory\n\n{memory_table}" + (breakdown_text(breakdown) if breakdown else ""))
 
 
 def server_settings(args, startup: dict) -> str:
     """The measured servers' settings, as /model/info reports them (waitress threads from the command line)."""
-    serving = startup["batching on, cached"]["serving"] or {}
+    serving = startup[f"{next(iter(args.servers))}, cached"]["serving"] or {}
     threads = args.threads if args.threads is not None else ServeConfig().threads
     return (f"{threads} waitress threads, max batch {serving.get('max_batch_size')}, max wait {serving.get('max_wait_ms'):g} ms, "
             f"queue {serving.get('max_queue_size')}, batch buckets {serving.get('batch_buckets')}, length buckets "
@@ -295,7 +403,7 @@ def server_settings(args, startup: dict) -> str:
 
 def plot(args, predict: dict, batch: dict, path: Path) -> None:
     fig, axes = subplots(1, 3, figsize=(16, 4.6))
-    for mode in MODES:
+    for mode in args.servers:
         rs = [predict[f"{mode}/{c}"] for c in args.concurrency]
         axes[0].plot(args.concurrency, [r["requests_per_s"] for r in rs], marker="o", label=mode)
         line, = axes[1].plot(args.concurrency, [r["p50_ms"] for r in rs], marker="o", label=f"{mode} p50")
@@ -312,7 +420,7 @@ def plot(args, predict: dict, batch: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[1].set_yscale("log")
-    save_figure(fig, path, "scripts/serve.py on CPU: dynamic batching on vs off")
+    save_figure(fig, path, "scripts/serve.py on CPU: " + " vs ".join(args.servers))
 
 
 def main(argv=None) -> int:
@@ -339,10 +447,17 @@ def main(argv=None) -> int:
         batch = measure(args, servers, texts, "/predict/batch", args.batch_concurrency, args.batch_requests,
                         args.batch_texts)
         memory = {mode: {**s.rss(), "torch_libraries": s.torch_libraries()} for mode, s in servers.items()}
-        exit_codes = {mode: s.stop() for mode, s in servers.items()}
+        soaked = next(iter(servers))
+        for mode in list(servers)[1:]:
+            servers[mode].stop()  # the soak and the breakdown's probes get the machine to themselves
+        breakdown = (memory_breakdown(args, model_dir, work, servers[soaked], startup[f"{soaked}, cached"], texts)
+                     if args.soak_requests else {})
+        exit_codes = {mode: s.stop() if s.proc.returncode is None else s.proc.returncode
+                      for mode, s in servers.items()}
     torch_in_server = any(m["torch_libraries"] for m in memory.values())
-    table = tables(args, predict, batch, startup, memory, tokens)
+    table = tables(args, predict, batch, startup, memory, tokens, breakdown)
     payload = {"args": vars(args), "predict": predict, "predict_batch": batch, "startup": startup, "memory": memory,
+               "memory_breakdown": breakdown,
                "tokens": tokens, "server_exit_codes": exit_codes, "torch_imported_by_server": torch_in_server,
                "wall_s": time.perf_counter() - began}
     path = write_results(args.name, payload, table)
