@@ -44,8 +44,8 @@ def reference(tiny_model_dir, mixed_texts):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    eng = InferenceEngine(tiny_model_dir, max_batch_size=16, batch_buckets=(1, 4, 16), max_wait_ms=5,
-                          cache_size=0)
+    eng = InferenceEngine(tiny_model_dir, max_batch_size=16, batch_buckets=(1, 4, 16), length_buckets=(16, 32),
+                          max_wait_ms=5, cache_size=0)
     yield eng
     eng.close()
 
@@ -61,7 +61,7 @@ def assert_matches(results: list[Prediction], texts: list[str], reference) -> No
 
 def test_buckets_compiled_ahead_of_time(engine):
     assert engine.batch_buckets == (1, 4, 16)
-    assert engine.length_buckets == (16, 32)  # the classifier's length_buckets for 32 positions
+    assert engine.length_buckets == (16, 32)
     assert engine.aot_compilations == 6 and engine.compilations == 6
     assert engine.stray_compilations == 0
     assert len(engine.version) == 12 and engine.version == inference.model_version(engine.model_path)
@@ -128,7 +128,8 @@ def test_no_compilation_after_ready_under_concurrent_mixed_load(mixed_texts, eng
 
 def test_one_long_text_does_not_pad_a_batch_of_short_ones(tiny_model_dir, sample_texts, reference):
     """15 short texts and one truncated to 32 tokens: two calls, (16, 16) and (1, 32), not one (16, 32)."""
-    eng = InferenceEngine(tiny_model_dir, max_batch_size=16, batch_buckets=(1, 4, 16), cache_size=0)
+    eng = InferenceEngine(tiny_model_dir, max_batch_size=16, batch_buckets=(1, 4, 16), length_buckets=(16, 32),
+                          cache_size=0)
     heads = dict.fromkeys(" ".join(t.split()[:3]) for t in sample_texts)  # first words, unique, in order
     texts = [t for t in heads if len(eng.tokenizer.encode(t).ids) <= 16][:15] + ["word " * 60]
     assert len(texts) == 16
@@ -331,7 +332,8 @@ def test_module_level_predict_functions(engine, mixed_texts, reference):
 
 
 def test_health_check_reports_status_buckets_queue_and_stray_compilations(tiny_model_dir):
-    eng = InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(1, 4), cache_size=10)
+    eng = InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(1, 4), length_buckets=(16, 32),
+                          cache_size=10)
     eng.predict_batch(["tacos", "trains"])
     eng.predict_single("tacos")  # from the cache
     health = eng.health_check()
