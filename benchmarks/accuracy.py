@@ -282,12 +282,11 @@ def run_jaxclf(method: str, dataset: str, train_file: Path, eval_file: Path, tes
     commands.append(eval_cmd)
     metrics = json.loads(stdout)
     truncated, limit = truncated_fraction(out / "run" / "model", test_texts)
-    pooling = {}
-    if read_config_rule(out / "run" / "model") == "chunks":
-        pooling = other_poolings(out / "run" / "model", test_file, log_path, commands)
-    exported = json.loads((out / "run" / "model" / "metrics.json").read_text())
     from jaxclf.model_dir import read_config
     config = read_config(out / "run" / "model")
+    pooling = (other_poolings(out / "run" / "model", test_file, log_path, commands)
+               if config.long_text == "chunks" else {})
+    exported = json.loads((out / "run" / "model" / "metrics.json").read_text())
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "train_s": train_s,
             "eval_s": eval_s, "import_s": import_s or None, "steps": summary["steps"],
             "ece": metrics["ece"], "ece_t1": metrics.get("uncalibrated", {"ece": metrics["ece"]})["ece"],
@@ -298,11 +297,6 @@ def run_jaxclf(method: str, dataset: str, train_file: Path, eval_file: Path, tes
             "long_text": {k: getattr(config, k) for k in ("long_text", "chunk_stride", "max_chunks", "chunk_pooling")},
             "teacher": str(teacher) if teacher else None, "other_poolings": pooling,
             "commands": [" ".join(["python", *c]) for c in commands]}
-
-
-def read_config_rule(model: Path) -> str:
-    from jaxclf.model_dir import read_config
-    return read_config(model).long_text
 
 
 def other_poolings(model: Path, test_file: Path, log_path: Path, commands: list) -> dict:

@@ -351,7 +351,7 @@ def tables(args, predict: dict, batch: dict, startup: dict, memory: dict, tokens
     ratio = f"{names[0]} / {names[1]} (req/s)" if len(names) > 1 else "-"
     rows = []
     for level in args.concurrency:
-        a, b = predict[f"{names[0]}/{level}"], predict[f"{names[-1] if len(names) < 2 else names[1]}/{level}"]
+        a, b = predict[f"{names[0]}/{level}"], predict[f"{names[min(1, len(names) - 1)]}/{level}"]
         for mode in names:
             r = predict[f"{mode}/{level}"]
             rows.append([level, r["mode"], r["requests_per_s"], r["p50_ms"], r["p99_ms"], r["texts_per_compiled_call"],
