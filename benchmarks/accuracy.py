@@ -234,9 +234,20 @@ def run_jaxclf(method: str, dataset: str, train_file: Path, eval_file: Path, tes
                out: Path, epochs: float, max_length: int, labels: list[str], overrides: list[str],
                max_steps: int | None, test_texts: list[str], truncation_head: str | None = None,
                long_text: dict[str, str] | None = None, teacher: Path | None = None) -> dict:
-    if out.exists():  # train.py resumes from checkpoints in its output directory: start clean
+    # train.py resumes from checkpoints in its output directory: start clean, except for the teacher
+    # logits a distilled run caches there (keyed by the teacher's files and the texts, so a stale one
+    # is never read): the teacher's pass over the training texts is most of a rerun's time.
+    cache = out / "run" / "teacher_logits"
+    kept = out.parent / f".{out.name}.teacher_logits"
+    if cache.is_dir():
+        shutil.rmtree(kept, ignore_errors=True)
+        cache.rename(kept)
+    if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    if kept.is_dir():
+        cache.parent.mkdir()
+        kept.rename(cache)
     log_path = out / "log.txt"
     commands, import_s = [], 0.0
     from jaxclf.train.presets import get_preset
