@@ -45,10 +45,12 @@ def test_flags_parse_by_type():
     args = parser_for(EngineConfig, ServeConfig).parse_args([
         "--max-batch-size", "16", "--batch-buckets", "1,4,16", "--max-wait-ms", "2.5", "--no-batching",
         "--no-compilation-cache", "--device", "cpu", "--port", "0", "--rate-limit", "3",
-        "--cors-origins", "http://a", "--cors-origins", "http://b,http://c"])
+        "--cors-origins", "http://a", "--cors-origins", "http://b,http://c",
+        "--backend", "onnxruntime", "--onnx-file", "m.onnx"])
     engine = flags.config_from_args(EngineConfig, args)
     assert engine == EngineConfig(max_batch_size=16, batch_buckets=(1, 4, 16), max_wait_ms=2.5, batching=False,
-                                  compilation_cache_dir=None, device="cpu")
+                                  compilation_cache_dir=None, device="cpu", backend="onnxruntime",
+                                  onnx_file="m.onnx")
     serve = flags.config_from_args(ServeConfig, args, threads=3)
     assert serve == ServeConfig(port=0, rate_limit=3.0, cors_origins=("http://a", "http://b", "http://c"),
                                 threads=3)
@@ -68,6 +70,9 @@ def test_bad_flag_values_are_argparse_errors():
     (lambda: EngineConfig(length_buckets=(32, 16)), "length_buckets must be strictly increasing"),
     (lambda: EngineConfig(request_timeout_s=0), "request_timeout_s must be a number > 0"),
     (lambda: EngineConfig(device="quantum"), "device must be one of auto, cpu, gpu, cuda, tpu"),
+    (lambda: EngineConfig(backend="tensorrt"), "backend must be one of jax, onnxruntime, got 'tensorrt'"),
+    (lambda: EngineConfig(onnx_file="m.onnx"), "onnx_file='m.onnx' is read only by backend='onnxruntime'"),
+    (lambda: EngineConfig(backend="onnxruntime", device="tpu"), "backend='onnxruntime' runs on the CPU"),
     (lambda: ServeConfig(port=70000), "port must be at most 65535"),
     (lambda: ServeConfig(rate_limit=-1.0), "rate_limit must be a number > 0"),
     (lambda: ServeConfig(cors_origins="http://a"), "cors_origins must be a list of origins"),

@@ -24,6 +24,7 @@ from jaxclf.serve.limits import proxy_networks
 from jaxclf.serve.planning import check_buckets
 
 DEVICES = ("auto", "cpu", "gpu", "cuda", "tpu")  # "cuda" is JAX's name for NVIDIA GPUs
+BACKENDS = ("jax", "onnxruntime")  # what runs the compiled buckets (jaxclf.serve.onnx_backend)
 ADMIN_TOKEN_ENV = "JAXCLF_ADMIN_TOKEN"  # where `python -m jaxclf.serve` reads the admin token when no flag gives it
 
 Config = TypeVar("Config")
@@ -60,6 +61,10 @@ class EngineConfig:
 
     device: str = dataclasses.field(default="auto", metadata={
         "help": "where the model runs: cpu, gpu (or cuda), tpu, or auto (JAX's default backend)", "choices": DEVICES})
+    backend: str = dataclasses.field(default="jax", metadata={
+        "help": "what runs the buckets: jax (XLA executables), or onnxruntime (the graph `jaxclf export-onnx` "
+                "wrote, --onnx-file; CPU hosts, needs jaxclf[onnx])", "choices": BACKENDS})
+    onnx_file: str | None = None  # the exported graph backend=onnxruntime runs; none: MODEL_DIR/model.onnx
     max_batch_size: int = 32  # most texts in one compiled call; the largest batch bucket must equal it
     batch_buckets: tuple[int, ...] | None = None  # batch sizes to compile; none: 1, powers of 8, max_batch_size
     length_buckets: tuple[int, ...] | None = None  # sequence lengths to compile; none: 32, 48, 64, powers of 2 to max
@@ -79,6 +84,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.onnx_file is not None and self.backend != "onnxruntime":
+            raise ConfigError(f"onnx_file={self.onnx_file!r} is read only by backend='onnxruntime' "
+                              f"(backend is {self.backend!r})")
+        if self.backend == "onnxruntime" and self.device not in ("auto", "cpu"):
+            raise ConfigError(f"backend='onnxruntime' runs on the CPU; device={self.device!r} needs backend='jax'")
         _positive(self, "max_batch_size", "max_queue_size", "batch_workers")
         _positive(self, "cache_size", "cache_max_bytes", allow_zero=True)
         _positive(self, "max_wait_ms", allow_zero=True, integer=False)

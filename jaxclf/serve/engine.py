@@ -162,15 +162,27 @@ class InferenceEngine:
         self._batch_listeners: list[Callable[[BatchRecord], None]] = []
         self._aot_compilations = 0
         self.classifier.model.eval()  # dropout off
-        self._weights, self._executables = compile_buckets(
-            self.classifier.model, self.device, self.batch_buckets, self.length_buckets, self._count_aot_compile)
+        self.backend = self.engine_config.backend
+        if self.backend == "onnxruntime":  # the exported graph, behind the same buckets (serve.onnx_backend)
+            from jaxclf.serve.onnx_backend import OnnxRuntimeBuckets, default_onnx_file
+            buckets = [(b, t) for b in self.batch_buckets for t in self.length_buckets]
+            runner = OnnxRuntimeBuckets(self.engine_config.onnx_file or default_onnx_file(self.model_path),
+                                        self.model_path, buckets, self.config.pad_token_id)
+            self._forward: Callable[[tuple[int, int], np.ndarray, np.ndarray], np.ndarray] = runner.run
+            self._buckets = buckets
+        else:
+            weights_on_device, executables = compile_buckets(
+                self.classifier.model, self.device, self.batch_buckets, self.length_buckets,
+                self._count_aot_compile)
+            self._forward = lambda bucket, ids, mask: executables[bucket](weights_on_device, ids, mask)
+            self._buckets = list(executables)
         release_free_memory()
         self.startup_seconds = time.perf_counter() - started
         self._batcher = Batcher(self._run_queued, self.max_batch_size, self.max_wait_s, self.max_queue_size,
                                 self.request_timeout_s, self.engine_config.batch_workers if self.batching else 0)
-        logger.info("model %s (version %s) ready on %s in %.2fs: %d executables, batch buckets %s, "
-                    "length buckets %s", self.model_path, self.version, self.device, self.startup_seconds,
-                    len(self._executables), list(self.batch_buckets), list(self.length_buckets))
+        logger.info("model %s (version %s) ready on %s (%s backend) in %.2fs: %d buckets, batch buckets %s, "
+                    "length buckets %s", self.model_path, self.version, self.device, self.backend,
+                    self.startup_seconds, len(self._buckets), list(self.batch_buckets), list(self.length_buckets))
 
     # Knobs read back by the service and its /model/info.
     max_batch_size = property(lambda self: self.engine_config.max_batch_size)
@@ -243,7 +255,7 @@ class InferenceEngine:
         status = "closed" if self._batcher.closing else "degraded" if problems else "ok"
         return {"status": status, "problems": problems, "model_path": str(self.model_path),
                 "model_version": self.version, "device": str(self.device), "platform": self.device.platform,
-                "labels": list(self.labels), "compiled_buckets": [list(key) for key in self._executables],
+                "labels": list(self.labels), "backend": self.backend, "compiled_buckets": [list(key) for key in self._buckets],
                 "startup_seconds": round(self.startup_seconds, 3), "batching": self.batching,
                 "batch_workers_alive": workers, "cache_entries": len(self.cache),
                 **{f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}}
@@ -259,7 +271,7 @@ class InferenceEngine:
         n, longest = len(rows), max(len(r) for r in rows)
         b, t = bucket_for(n, self.batch_buckets), bucket_for(longest, self.length_buckets)
         ids, mask = pad_rows(rows, self.config.pad_token_id, (b, t))  # (B, T); padding rows all masked
-        logits = np.asarray(self._executables[(b, t)](self._weights, ids, mask))  # (B, C)
+        logits = np.asarray(self._forward((b, t), ids, mask))  # (B, C)
         with self._lock:
             self._batches += 1
             self._batched_texts += n

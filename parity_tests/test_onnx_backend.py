@@ -1,0 +1,111 @@
+"""The engine's ONNX Runtime backend gives the JAX backend's logits to 1e-5, behind the same buckets.
+
+`InferenceEngine(dir, backend="onnxruntime")` runs the graph `jaxclf export-onnx` wrote
+(jaxclf.serve.onnx_backend); everything else (tokenizing, padding to buckets, planning calls, the
+batcher, long-text windows and their pooling, the result cache) is the engine's own. Needs torch
+to export and onnxruntime to run: pip install torch==2.13.0 'jaxclf[onnx]'.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+for _package in ("onnx", "onnxscript", "onnxruntime"):
+    pytest.importorskip(_package, reason=f"{_package} is not installed: pip install 'jaxclf[onnx]'")
+
+from jaxclf.config import ConfigError  # noqa: E402
+from jaxclf.serve import EngineConfig, create_app  # noqa: E402
+from jaxclf.serve.engine import InferenceEngine  # noqa: E402
+from parity_tests import twins  # noqa: E402
+from parity_tests.test_onnx_export import EDGE_TEXTS, export, long_texts  # noqa: E402
+from parity_tests.twins import sample_texts  # noqa: E402
+
+BUCKETS = dict(max_batch_size=8, batch_buckets=(1, 8), length_buckets=(8, 24), cache_size=0)
+
+
+@pytest.fixture(scope="module")
+def exported_dir(saved_model_dir, tmp_path_factory):
+    """A copy of the parity model directory with its graph at the default place, MODEL_DIR/model.onnx."""
+    d = tmp_path_factory.mktemp("onnx_backend") / "model"
+    shutil.copytree(saved_model_dir, d)
+    export(d, d / "model.onnx")
+    return d
+
+
+def both_backends(directory, **overrides):
+    return (InferenceEngine(directory, **BUCKETS, **overrides),
+            InferenceEngine(directory, **BUCKETS, backend="onnxruntime", **overrides))
+
+
+def logits_of(engine: InferenceEngine, texts: list[str]) -> np.ndarray:
+    return np.array([r.logits for r in engine.predict_batch(texts).results], np.float32)
+
+
+def test_onnxruntime_backend_matches_the_jax_backend_on_mixed_lengths(exported_dir):
+    jax_engine, ort_engine = both_backends(exported_dir)
+    with jax_engine, ort_engine:
+        texts = sample_texts()[:30] + EDGE_TEXTS + long_texts()  # short, 24-token truncated, empty
+        for batch in (texts[:1], texts[:5], texts):  # one call; a padded bucket; several planned calls
+            with twins.highest():
+                want = logits_of(jax_engine, batch)
+            err = twins.record("onnxruntime backend logits max-abs", twins.max_abs(logits_of(ort_engine, batch), want))
+            assert err <= twins.LOGITS_TOL, f"ONNX Runtime backend differs from the JAX backend by {err:.3e}"
+        single = ort_engine.predict_single(texts[0])
+        assert single.predicted_class == jax_engine.predict_single(texts[0]).predicted_class
+        health = ort_engine.health_check()
+        assert (health["status"], health["backend"], health["stray_compilations"]) == ("ok", "onnxruntime", 0)
+        assert sorted(map(tuple, health["compiled_buckets"])) == [(1, 8), (1, 24), (8, 8), (8, 24)]
+        assert ort_engine.aot_compilations == 0  # no XLA executable is built for this backend
+
+
+def test_chunked_documents_pool_the_same_on_both_backends(saved_model_dir, tmp_path):
+    d = tmp_path / "chunks"
+    shutil.copytree(saved_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model"].update(long_text="chunks", chunk_stride=11, max_chunks=6, chunk_pooling="weighted")
+    (d / "config.json").write_text(json.dumps(cfg))
+    export(d, d / "model.onnx")
+    jax_engine, ort_engine = both_backends(d)
+    with jax_engine, ort_engine:
+        texts = long_texts() + sample_texts()[:4]
+        results = ort_engine.predict_batch(texts).results
+        assert max(r.windows for r in results) > 1
+        with twins.highest():
+            want = logits_of(jax_engine, texts)
+        err = twins.max_abs(np.array([r.logits for r in results], np.float32), want)
+        assert err <= twins.LOGITS_TOL, f"pooled windows differ between backends by {err:.3e}"
+
+
+def test_a_graph_exported_before_the_model_changed_is_refused(exported_dir, tmp_path):
+    d = tmp_path / "recalibrated"
+    shutil.copytree(exported_dir, d)  # model.onnx comes along, exported from the model as it was
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model"]["temperature"] = 1.7
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="was not exported from the model directory .* re-export it with: "
+                                          "jaxclf export-onnx"):
+        InferenceEngine(d, **BUCKETS, backend="onnxruntime")
+
+
+def test_a_missing_or_broken_graph_is_a_clear_error(saved_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="there is none at .*model.onnx; write it with: jaxclf export-onnx"):
+        InferenceEngine(saved_model_dir, **BUCKETS, backend="onnxruntime")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    with pytest.raises(ConfigError, match="ONNX Runtime cannot load this graph"):
+        InferenceEngine(saved_model_dir, **BUCKETS, backend="onnxruntime", onnx_file=str(broken))
+
+
+def test_the_service_reports_and_uses_the_backend(exported_dir):
+    engine = InferenceEngine(exported_dir, EngineConfig(backend="onnxruntime", **BUCKETS))
+    with engine:
+        client = create_app(engine).test_client()
+        assert client.get("/ready").status_code == 200
+        assert client.get("/model/info").get_json()["serving"]["backend"] == "onnxruntime"
+        response = client.post("/predict", json={"text": sample_texts()[0]})
+        assert response.status_code == 200
+        assert response.get_json()["label"] == engine.predict_single(sample_texts()[0]).predicted_class
