@@ -235,6 +235,10 @@ class TrainingConfig:
     distill_temperature: float = 2.0  # T: softens both distributions in the soft term
     distill_alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha on the hard labels
     unlabeled_file: str | None = None  # extra texts without labels (a text a line, or CSV/JSONL with a text column), soft term only
+    # A TinyBERT-style transfer set: N perturbed copies of every labelled training text (words dropped,
+    # replaced by other training words, or half spliced with another text), labelled by the teacher
+    # only (soft term), like unlabeled_file's texts. 0: none.
+    distill_augment: int = 0
     length_buckets: tuple[int, ...] = ()  # padded lengths; empty: powers of two up to max_position_embeddings
     num_train_epochs: float = 10.0  # ignored when max_steps > 0
     max_steps: int = -1  # total optimiser steps; -1: from num_train_epochs
@@ -303,6 +307,11 @@ class TrainingConfig:
              and not isinstance(self.distill_temperature, bool), "a number > 0"),
             ("distill_alpha", lambda: 0.0 <= self.distill_alpha <= 1.0
              and not isinstance(self.distill_alpha, bool), "in [0, 1]"),
+            ("distill_augment", lambda: isinstance(self.distill_augment, int)
+             and not isinstance(self.distill_augment, bool) and self.distill_augment >= 0
+             and (self.distill_augment == 0 or (self.distill_from and self.distill_alpha > 0)),
+             "an integer >= 0, and 0 unless distill_from is set and distill_alpha > 0 (the copies learn only "
+             "from a teacher's soft labels)"),
             ("unlabeled_file", lambda: self.unlabeled_file is None or (self.distill_from and self.distill_alpha > 0),
              "unset unless distill_from is set and distill_alpha > 0 (unlabeled texts learn only from a "
              "teacher's soft labels)"),

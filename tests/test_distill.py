@@ -57,6 +57,8 @@ def test_distillation_loss_equals_its_formula_on_a_hand_case():
     ({"unlabeled_file": "more.txt"}, "unlabeled_file must be unset unless distill_from is set"),
     ({"unlabeled_file": "more.txt", "distill_from": "t", "distill_alpha": 0.0}, "and distill_alpha > 0"),
     ({"tokenizer_from": "t", "init_from": "m"}, "tokenizer_from must be unset with init_from"),
+    ({"distill_augment": -1, "distill_from": "t"}, "distill_augment must be an integer >= 0"),
+    ({"distill_augment": 2}, "distill_augment must be an integer >= 0, and 0 unless distill_from is set"),
 ])
 def test_bad_distillation_settings_are_named(changes, field):
     with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
@@ -94,6 +96,26 @@ def test_teacher_labels_must_match_by_name_and_are_mapped_when_reordered(tmp_pat
     assert prepared.label_names == reordered
     assert list(prepared.train_ds.labels) == [reordered.index(y) for y in labels]
     assert not (tmp_path / "run").exists()  # preparing writes nothing: the cache is written by the run
+
+
+def test_augmented_copies_are_seeded_perturbations_that_only_the_teacher_labels(tmp_path, tiny_model_dir):
+    texts = [f"the {w} service was {q} today at the {p}" for w, q, p in
+             zip(["slow", "kind", "rude", "fast"], ["bad", "fine", "awful", "great"], ["bank", "cafe", "shop", "gym"])]
+    copies = distill.augment(texts, 3, seed=5)
+    assert copies == distill.augment(texts, 3, seed=5) and copies != distill.augment(texts, 3, seed=6)
+    assert len(copies) == 12 and all(c.strip() for c in copies)
+    pool = {w for t in texts for w in t.split()}
+    assert all(set(c.split()) <= pool for c in copies)  # words come from the training texts
+    changed = sum(c != texts[i % 4] for i, c in enumerate(copies))
+    assert changed >= 9, f"only {changed} of 12 copies differ from their text"
+    assert distill.augment(texts, 0, seed=5) == [] and distill.augment([""], 2, seed=0) == []
+
+    model, _ = get_preset("tiny")
+    prepared = prepare_data(model, _student_config(tmp_path, distill_from=str(tiny_model_dir), distill_augment=2))
+    n = len(data.read_examples(SAMPLE)[0])
+    extras = prepared.train_ds.extras
+    np.testing.assert_array_equal(extras["has_label"], np.r_[np.ones(n), np.zeros(2 * n)].astype(np.float32))
+    assert extras["teacher_logits"].shape == (3 * n, 3)
 
 
 def test_tokenizer_from_borrows_a_model_directory_s_tokenizer(tmp_path, tiny_model_dir):
@@ -218,7 +240,7 @@ def test_student_learns_the_teacher_s_predictions_from_soft_labels_alone(tmp_pat
                                                                    "tokenizer.json")])
     assert summary == {"teacher": str(teacher_dir), "teacher_sha256": teacher_hash, "temperature": 0.1,
                        "alpha": 1.0, "unlabeled_file": str(tmp_path / "more.txt"), "unlabeled_texts": 24,
-                       "labelled_texts": 24, "teacher_logits": "computed"}
+                       "augmented_copies_per_text": 0, "labelled_texts": 24, "teacher_logits": "computed"}
     assert len(list((tmp_path / "student" / distill.CACHE_DIR).glob("*.npy"))) == 1
 
     # The same command again reads the teacher's logits back: the teacher is never loaded.

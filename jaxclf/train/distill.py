@@ -3,7 +3,8 @@
     jaxclf train --config tiny train.distill_from=runs/teacher/model --unlabeled extra.txt
 
 The teacher is any jaxclf model directory. Its logits for every training text (the labelled ones,
-then the unlabelled ones of `unlabeled_file`) are computed once, with `jaxclf.load(teacher).logits`:
+then the unlabelled ones of `unlabeled_file`, then `distill_augment` perturbed copies of the labelled
+ones, see `augment`) are computed once, with `jaxclf.load(teacher).logits`:
 the teacher's own tokenizer, long-text rule and calibration temperature, whatever the student's
 tokenizer. They are cached next to the run, OUTPUT/teacher_logits/<key>.npy, keyed by a hash of the
 teacher's files and of the texts, so a resumed or repeated run reads them back instead of running
@@ -116,6 +117,41 @@ def _jsonl_rows(path, lines, undecodable):
             yield number, None, 'expected a JSON object with a string "text"'
             continue
         yield number, obj["text"], None
+
+
+# ----------------------------------------------------------------------------------------------
+# A transfer set made from the training texts
+
+
+# Per word of a copy: dropped, or replaced by a word drawn from all training texts; and the share of
+# copies whose second half is another text's (a mixed text the teacher labels softly). TinyBERT
+# (Jiao et al. 2020) grows its transfer set the same way, with BERT-predicted replacements.
+AUGMENT_DROP, AUGMENT_REPLACE, AUGMENT_SPLICE = 0.1, 0.1, 0.25
+
+
+def augment(texts: Sequence[str], copies: int, seed: int) -> list[str]:
+    """`copies` perturbed versions of every text (all first copies, then all second ones, ...), seeded.
+
+    A copy keeps each word with probability 1 - AUGMENT_DROP - AUGMENT_REPLACE, replaces it with a word
+    drawn from the texts' own words, or drops it; AUGMENT_SPLICE of the copies then take their second
+    half from another text's second half. Words are whitespace-separated; a copy is never empty.
+    """
+    rng = np.random.default_rng(seed)
+    words = [t.split() for t in texts]
+    pool = [w for ws in words for w in ws]
+    if not pool:
+        return []
+    out = []
+    for _ in range(copies):
+        for i, ws in enumerate(words):
+            fate = rng.random(len(ws))
+            new = [pool[rng.integers(len(pool))] if f < AUGMENT_REPLACE else w
+                   for w, f in zip(ws, fate) if f < AUGMENT_REPLACE or f >= AUGMENT_REPLACE + AUGMENT_DROP]
+            if rng.random() < AUGMENT_SPLICE and len(words) > 1:
+                other = words[(i + 1 + rng.integers(len(words) - 1)) % len(words)]
+                new = new[:len(new) // 2] + other[len(other) // 2:]
+            out.append(" ".join(new) if new else pool[rng.integers(len(pool))])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +304,7 @@ class Distillation:
         return {"teacher": self.teacher.path, "teacher_sha256": self.teacher.sha256,
                 "temperature": self.cfg.distill_temperature, "alpha": self.cfg.distill_alpha,
                 "unlabeled_file": self.cfg.unlabeled_file, "unlabeled_texts": self.num_unlabeled,
+                "augmented_copies_per_text": self.cfg.distill_augment,
                 "labelled_texts": len(self.texts) - self.num_unlabeled,
                 "teacher_logits": "cached" if self.from_cache else "computed"}
 
@@ -277,8 +314,10 @@ def prepare(cfg: TrainingConfig, label_names: Sequence[str], texts: Sequence[str
     """Check the teacher against the student's labels and add the unlabelled texts; the teacher runs later."""
     teacher = Teacher.open(cfg.distill_from, label_names)
     unlabeled = read_texts(cfg.unlabeled_file, skip_bad=cfg.skip_bad_rows) if cfg.unlabeled_file else []
-    log.info("distilling from %s (T=%g, alpha=%g): %d labelled + %d unlabelled texts", cfg.distill_from,
-             cfg.distill_temperature, cfg.distill_alpha, len(texts), len(unlabeled))
+    copies = augment(texts, cfg.distill_augment, cfg.seed)
+    log.info("distilling from %s (T=%g, alpha=%g): %d labelled + %d unlabelled texts + %d augmented copies",
+             cfg.distill_from, cfg.distill_temperature, cfg.distill_alpha, len(texts), len(unlabeled), len(copies))
+    unlabeled += copies
     return Distillation(
         teacher, cfg, list(texts) + unlabeled,
         np.concatenate([np.asarray(label_ids, np.int32), np.zeros(len(unlabeled), np.int32)]),
