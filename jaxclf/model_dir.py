@@ -74,6 +74,20 @@ def check_files(model_dir: str | os.PathLike) -> Path:
     return d
 
 
+def max_text_length(model_dir: str | os.PathLike) -> int:
+    """The most tokens the model reads per row: max_position_embeddings, or the shorter truncation its
+    tokenizer.json carries (an imported MiniLM: 512 positions, 256-token texts; see tokenizer.configure)."""
+    d = Path(model_dir)
+    limit = read_config(d).max_position_embeddings
+    try:
+        truncation = json.loads((d / TOKENIZER_FILE).read_text(encoding="utf-8")).get("truncation")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelDirectoryError(f"{d / TOKENIZER_FILE}: not a readable tokenizer ({type(e).__name__})") from None
+    if isinstance(truncation, dict) and isinstance(truncation.get("max_length"), int):
+        limit = min(limit, truncation["max_length"])
+    return limit
+
+
 # Steps of a tokenizer.json whose pattern may be a regular expression (Oniguruma, backtracking): Split
 # pre-tokenizers and Replace normalizers. {"String": ...} patterns are literal and safe.
 REGEX_STEP_SECTIONS = ("normalizer", "pre_tokenizer")

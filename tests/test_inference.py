@@ -277,10 +277,29 @@ def test_close_finishes_queued_work_then_refuses(mixed_texts, tiny_model_dir, re
 def test_bad_buckets_fail_fast_with_the_reason(tiny_model_dir):
     with pytest.raises(ValueError, match="largest of batch_buckets must equal max_batch_size=32"):
         InferenceEngine(tiny_model_dir, batch_buckets=(1, 4, 16))
-    with pytest.raises(ValueError, match="max_position_embeddings=32"):
+    with pytest.raises(ValueError, match=r"must equal the model's max text length \(max_position_embeddings, or its "
+                                         r"tokenizer's truncation\)=32"):
         InferenceEngine(tiny_model_dir, max_batch_size=4, length_buckets=(8, 16))
     with pytest.raises(ValueError, match="strictly increasing"):
         InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(4, 1, 4))
+
+
+def test_default_length_buckets_stop_at_the_tokenizer_s_truncation(tiny_model_dir, tmp_path):
+    """An imported MiniLM has 512 positions but reads 256 tokens: no bucket past what a row can hold."""
+    import json
+    import shutil
+
+    d = tmp_path / "short_tokenizer"
+    shutil.copytree(tiny_model_dir, d)
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["truncation"] = {"direction": "Right", "max_length": 20, "strategy": "LongestFirst", "stride": 0}
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    with InferenceEngine(d, max_batch_size=4, cache_size=0) as eng:
+        assert eng.length_buckets == (20,)  # the model's 32 positions: (32,) before
+        result = eng.predict_single("word " * 100)
+        assert eng.stray_compilations == 0 and result.predicted_class in eng.labels
+    with pytest.raises(ValueError, match="max text length .*=20"):
+        InferenceEngine(d, max_batch_size=4, length_buckets=(8, 32))
 
 
 # --- the original framework's API (README "Inference Service") --------------------------------------

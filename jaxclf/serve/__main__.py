@@ -88,7 +88,7 @@ def model_source(args: argparse.Namespace, engine: EngineConfig):
         source = RegistrySource(args.registry, parse_split(args.ab) if args.ab else [(args.model, 1.0)])
         paths = [target.path for target in source.resolve()]
     for path in paths:  # a length bucket past a model's maximum, or a regex tokenizer, would fail only after listening
-        model_length_buckets(engine.length_buckets, model_dir.read_config(path).max_position_embeddings)
+        model_length_buckets(engine.length_buckets, model_dir.max_text_length(path))
         model_dir.check_tokenizer_regex(Path(path) / model_dir.TOKENIZER_FILE, engine.allow_regex_tokenizer)
     return source
 

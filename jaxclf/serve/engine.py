@@ -139,7 +139,7 @@ class InferenceEngine:
                                         self.engine_config.allow_regex_tokenizer)
         self.batch_buckets = self.engine_config.batch_buckets or default_batch_buckets(self.max_batch_size)
         self.length_buckets = model_length_buckets(self.engine_config.length_buckets,
-                                                   model_config.max_position_embeddings)
+                                                   model_dir.max_text_length(self.model_path))
         self.device = resolve_device(self.engine_config.device)
         if self.batching and model_config.chunking is not None and model_config.max_chunks > self.max_queue_size:
             raise ConfigError(f"max_queue_size={self.max_queue_size} cannot hold one long text of this model "

@@ -60,11 +60,13 @@ def check_buckets(name: str, buckets: Sequence[int], largest: int | None = None,
     return values
 
 
-def model_length_buckets(configured: Sequence[int] | None, max_position_embeddings: int) -> tuple[int, ...]:
-    """The length buckets to compile for a model: `configured` (checked against its maximum) or its own."""
+def model_length_buckets(configured: Sequence[int] | None, max_text_length: int) -> tuple[int, ...]:
+    """The length buckets to compile for a model: `configured` (checked against the most tokens it reads
+    per row, jaxclf.model_dir.max_text_length) or the default ones up to it."""
     if configured is None:
-        return default_length_buckets(max_position_embeddings)
-    return check_buckets("length_buckets", configured, max_position_embeddings, "max_position_embeddings")
+        return default_length_buckets(max_text_length)
+    return check_buckets("length_buckets", configured, max_text_length,
+                         "the model's max text length (max_position_embeddings, or its tokenizer's truncation)")
 
 
 def plan_calls(lengths: Sequence[int], batch_buckets: Sequence[int],
