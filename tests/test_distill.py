@@ -241,7 +241,8 @@ def test_student_learns_the_teacher_s_predictions_from_soft_labels_alone(tmp_pat
     assert summary == {"teacher": str(teacher_dir), "teacher_sha256": teacher_hash, "temperature": 0.1,
                        "alpha": 1.0, "unlabeled_file": str(tmp_path / "more.txt"), "unlabeled_texts": 24,
                        "augmented_copies_per_text": 0, "labelled_texts": 24, "teacher_logits": "computed"}
-    assert len(list((tmp_path / "student" / distill.CACHE_DIR).glob("*.npy"))) == 1
+    # One cache file for the labelled texts, one for the unlabelled file's.
+    assert len(list((tmp_path / "student" / distill.CACHE_DIR).glob("*.npy"))) == 2
 
     # The same command again reads the teacher's logits back: the teacher is never loaded.
     def no_teacher(path):
@@ -251,3 +252,25 @@ def test_student_learns_the_teacher_s_predictions_from_soft_labels_alone(tmp_pat
         again = train(model, cfg)
     assert "teacher logits: cached" in caplog.text
     assert json.loads((again.model_dir / "metrics.json").read_text())["distillation"]["teacher_logits"] == "cached"
+
+
+def test_new_extra_texts_leave_the_labelled_texts_logits_cached(tmp_path, tiny_model_dir, monkeypatch):
+    """Adding augmented copies runs the teacher on the copies only: the labelled texts' logits are read back."""
+    model, _ = get_preset("tiny")
+    cfg = _student_config(tmp_path, distill_from=str(tiny_model_dir))
+    first = prepare_data(model, cfg)
+    first.distillation.save_cache()
+    seen = []
+    real_load = jaxclf.classifier.load
+
+    def counting_load(path):
+        clf = real_load(path)
+        real_logits = clf.logits
+        clf.logits = lambda texts, **kw: seen.append(len(texts)) or real_logits(texts, **kw)
+        return clf
+    monkeypatch.setattr("jaxclf.classifier.load", counting_load)
+    again = prepare_data(model, cfg.replace(distill_augment=1))
+    n = len(data.read_examples(SAMPLE)[0])
+    assert seen == [n]  # the copies only
+    np.testing.assert_array_equal(again.train_ds.extras["teacher_logits"][:n],
+                                  first.train_ds.extras["teacher_logits"])

@@ -7,8 +7,9 @@ then the unlabelled ones of `unlabeled_file`, then `distill_augment` perturbed c
 ones, see `augment`) are computed once, with `jaxclf.load(teacher).logits`:
 the teacher's own tokenizer, long-text rule and calibration temperature, whatever the student's
 tokenizer. They are cached next to the run, OUTPUT/teacher_logits/<key>.npy, keyed by a hash of the
-teacher's files and of the texts, so a resumed or repeated run reads them back instead of running
-the teacher again. The teacher's columns are mapped to the student's labels by name.
+teacher's files and of the texts (one file for the labelled texts, one for each set of extra texts),
+so a resumed or repeated run reads them back instead of running the teacher again. The teacher's
+columns are mapped to the student's labels by name.
 
 They travel with the data: each training example carries "teacher_logits" (C,) float32 and
 "has_label" (1.0, or 0.0 for an unlabelled text, whose label id 0 is a placeholder) in
@@ -274,13 +275,21 @@ class Distillation:
 
     teacher: Teacher
     cfg: TrainingConfig
-    texts: list[str]  # the labelled training texts, then the unlabelled ones
+    parts: list[list[str]]  # the labelled training texts, the unlabelled file's, the augmented copies
     label_ids: np.ndarray  # (N,) int32; 0 (a placeholder) for the unlabelled texts
     has_label: np.ndarray  # (N,) float32: 1.0 labelled, 0.0 unlabelled
     teacher_logits: np.ndarray | None = None  # (N, C) float32 in the student's label order, once computed
-    raw_logits: np.ndarray | None = None  # the same in the teacher's column order: what the cache holds
-    cache_file: Path | None = None
-    from_cache: bool = False
+    # Per non-empty part, cached on its own (changing the extra texts keeps the labelled texts' logits):
+    # (logits in the teacher's column order, cache file, whether it came from the cache).
+    computed: list[tuple[np.ndarray, Path, bool]] = dataclasses.field(default_factory=list)
+
+    @property
+    def texts(self) -> list[str]:
+        return [t for part in self.parts for t in part]
+
+    @property
+    def from_cache(self) -> bool:
+        return all(cached for _, _, cached in self.computed)
 
     @property
     def num_unlabeled(self) -> int:
@@ -289,15 +298,17 @@ class Distillation:
     def compute(self, batch_size: int) -> dict[str, np.ndarray]:
         """Run (or read back) the teacher; returns the per-example arrays for TokenizedDataset.extras."""
         if self.teacher_logits is None:
-            self.raw_logits, self.cache_file, self.from_cache = self.teacher.logits(
-                self.texts, Path(self.cfg.output_dir) / CACHE_DIR, batch_size)
-            self.teacher_logits = np.ascontiguousarray(self.raw_logits[:, list(self.teacher.columns)])
+            cache_dir = Path(self.cfg.output_dir) / CACHE_DIR
+            self.computed = [self.teacher.logits(part, cache_dir, batch_size) for part in self.parts if part]
+            raw = np.concatenate([logits for logits, _, _ in self.computed])
+            self.teacher_logits = np.ascontiguousarray(raw[:, list(self.teacher.columns)])
         return {"teacher_logits": self.teacher_logits, "has_label": self.has_label}
 
     def save_cache(self) -> None:
         """Store freshly computed logits (the run calls this once it may write to its output directory)."""
-        if self.cache_file is not None and not self.from_cache:
-            save(self.cache_file, self.raw_logits)
+        for logits, path, cached in self.computed:
+            if not cached:
+                save(path, logits)
 
     def summary(self) -> dict:
         """What metrics.json records about the distillation."""
@@ -317,8 +328,8 @@ def prepare(cfg: TrainingConfig, label_names: Sequence[str], texts: Sequence[str
     copies = augment(texts, cfg.distill_augment, cfg.seed)
     log.info("distilling from %s (T=%g, alpha=%g): %d labelled + %d unlabelled texts + %d augmented copies",
              cfg.distill_from, cfg.distill_temperature, cfg.distill_alpha, len(texts), len(unlabeled), len(copies))
-    unlabeled += copies
+    extra = len(unlabeled) + len(copies)
     return Distillation(
-        teacher, cfg, list(texts) + unlabeled,
-        np.concatenate([np.asarray(label_ids, np.int32), np.zeros(len(unlabeled), np.int32)]),
-        np.concatenate([np.ones(len(texts), np.float32), np.zeros(len(unlabeled), np.float32)]))
+        teacher, cfg, [list(texts), unlabeled, copies],
+        np.concatenate([np.asarray(label_ids, np.int32), np.zeros(extra, np.int32)]),
+        np.concatenate([np.ones(len(texts), np.float32), np.zeros(extra, np.float32)]))
