@@ -169,12 +169,12 @@ class InferenceEngine:
             runner = OnnxRuntimeBuckets(self.engine_config.onnx_file or default_onnx_file(self.model_path),
                                         self.model_path, buckets, self.config.pad_token_id)
             self._forward: Callable[[tuple[int, int], np.ndarray, np.ndarray], np.ndarray] = runner.run
-            self._buckets = buckets
+            self._weights, self._buckets = None, buckets
         else:
-            weights_on_device, executables = compile_buckets(
+            self._weights, executables = compile_buckets(  # flat leaves on the device
                 self.classifier.model, self.device, self.batch_buckets, self.length_buckets,
                 self._count_aot_compile)
-            self._forward = lambda bucket, ids, mask: executables[bucket](weights_on_device, ids, mask)
+            self._forward = lambda bucket, ids, mask: executables[bucket](self._weights, ids, mask)
             self._buckets = list(executables)
         release_free_memory()
         self.startup_seconds = time.perf_counter() - started
