@@ -280,7 +280,8 @@ def run_serve(*args: str) -> subprocess.CompletedProcess:
     (("--model", "{model}", "--batch-buckets", "1,x"), "expected comma-separated int values"),
     (("--model", "{model}", "--batch-buckets", "1,4", "--max-batch-size", "8"),
      "the largest of batch_buckets must equal max_batch_size=8"),
-    (("--model", "{model}", "--length-buckets", "16,64"), "must equal max_position_embeddings=32"),
+    (("--model", "{model}", "--length-buckets", "16,64"),
+     "must equal the model's max text length (max_position_embeddings, or its tokenizer's truncation)=32"),
     (("--model", "{model}", "--max-texts", "0"), "max_texts must be an integer > 0, got 0"),
     (("--model", "{model}", "--device", "abacus"), "invalid choice: 'abacus'"),
 ])
