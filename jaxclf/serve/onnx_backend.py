@@ -60,6 +60,11 @@ class OnnxRuntimeBuckets:
                               f"write it with: jaxclf export-onnx --model {model_path} --output {path}")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise here
+        # The batcher's workers call run() concurrently; ONNX Runtime's default spin-waiting intra-op
+        # threads then compete with each other and with the HTTP threads for the cores. Measured against
+        # the JAX backend on 2 cores (benchmarks/results/serving*.md): /predict requests/s with spinning
+        # 1.56x at 1 client but 0.83x at 32; without, 1.26x at 1 and 1.08x at 32.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ONNX Runtime raises its own exception types (Fail, InvalidGraph, ...)
