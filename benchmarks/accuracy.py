@@ -230,13 +230,10 @@ def truncated_fraction(model_dir: Path, texts: list[str]) -> tuple[float, int]:
     return sum(n > limit for n in lengths) / len(lengths), limit
 
 
-def run_jaxclf(method: str, dataset: str, train_file: Path, eval_file: Path, test_file: Path, n_train: int,
-               out: Path, epochs: float, max_length: int, labels: list[str], overrides: list[str],
-               max_steps: int | None, test_texts: list[str], truncation_head: str | None = None,
-               long_text: dict[str, str] | None = None, teacher: Path | None = None) -> dict:
-    # train.py resumes from checkpoints in its output directory: start clean, except for the teacher
-    # logits a distilled run caches there (keyed by the teacher's files and the texts, so a stale one
-    # is never read): the teacher's pass over the training texts is most of a rerun's time.
+def clean_run_dir(out: Path) -> None:
+    """An empty `out` (train.py resumes from checkpoints in its output directory), except for the teacher
+    logits a distilled run caches there: keyed by the teacher's files and the texts, so a stale one is
+    never read, and the teacher's pass over the training texts is most of a rerun's time."""
     cache = out / "run" / "teacher_logits"
     kept = out.parent / f".{out.name}.teacher_logits"
     if cache.is_dir():
@@ -248,6 +245,13 @@ def run_jaxclf(method: str, dataset: str, train_file: Path, eval_file: Path, tes
     if kept.is_dir():
         cache.parent.mkdir()
         kept.rename(cache)
+
+
+def run_jaxclf(method: str, dataset: str, train_file: Path, eval_file: Path, test_file: Path, n_train: int,
+               out: Path, epochs: float, max_length: int, labels: list[str], overrides: list[str],
+               max_steps: int | None, test_texts: list[str], truncation_head: str | None = None,
+               long_text: dict[str, str] | None = None, teacher: Path | None = None) -> dict:
+    clean_run_dir(out)
     log_path = out / "log.txt"
     commands, import_s = [], 0.0
     from jaxclf.train.presets import get_preset

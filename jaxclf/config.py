@@ -295,6 +295,7 @@ class TrainingConfig:
     def _checks(self) -> list[tuple[str, Any, str]]:
         """(field, predicate, what is accepted): each check names the one field it tests."""
         positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        soft_labels = lambda: bool(self.distill_from) and self.distill_alpha > 0  # texts a teacher alone labels learn
         return [
             ("mixed_precision", lambda: self.mixed_precision in MIXED_PRECISION, f"one of {', '.join(MIXED_PRECISION)}"),
             ("lr_schedule", lambda: self.lr_schedule in ("linear", "cosine", "constant"), "linear, cosine or constant"),
@@ -309,10 +310,10 @@ class TrainingConfig:
              and not isinstance(self.distill_alpha, bool), "in [0, 1]"),
             ("distill_augment", lambda: isinstance(self.distill_augment, int)
              and not isinstance(self.distill_augment, bool) and self.distill_augment >= 0
-             and (self.distill_augment == 0 or (self.distill_from and self.distill_alpha > 0)),
+             and (self.distill_augment == 0 or soft_labels()),
              "an integer >= 0, and 0 unless distill_from is set and distill_alpha > 0 (the copies learn only "
              "from a teacher's soft labels)"),
-            ("unlabeled_file", lambda: self.unlabeled_file is None or (self.distill_from and self.distill_alpha > 0),
+            ("unlabeled_file", lambda: self.unlabeled_file is None or soft_labels(),
              "unset unless distill_from is set and distill_alpha > 0 (unlabeled texts learn only from a "
              "teacher's soft labels)"),
             ("tokenizer_from", lambda: self.tokenizer_from is None or not self.init_from,

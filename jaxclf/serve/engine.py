@@ -255,7 +255,8 @@ class InferenceEngine:
         status = "closed" if self._batcher.closing else "degraded" if problems else "ok"
         return {"status": status, "problems": problems, "model_path": str(self.model_path),
                 "model_version": self.version, "device": str(self.device), "platform": self.device.platform,
-                "labels": list(self.labels), "backend": self.backend, "compiled_buckets": [list(key) for key in self._buckets],
+                "labels": list(self.labels), "backend": self.backend,
+                "compiled_buckets": [list(key) for key in self._buckets],
                 "startup_seconds": round(self.startup_seconds, 3), "batching": self.batching,
                 "batch_workers_alive": workers, "cache_entries": len(self.cache),
                 **{f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}}

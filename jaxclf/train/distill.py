@@ -20,6 +20,7 @@ with the Grain iterator as everything else. The loss is jaxclf.train.step.distil
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -212,6 +213,12 @@ class Teacher:
         files = [d / name for name in (model_dir.CONFIG_FILE, model_dir.WEIGHTS_FILE, model_dir.TOKENIZER_FILE)]
         return cls(str(path), fingerprint(files), teacher, tuple(teacher.index(name) for name in student))
 
+    @functools.cached_property
+    def classifier(self):
+        """The teacher, loaded on first use (once for every part of the texts; never when all are cached)."""
+        from jaxclf.classifier import load  # JAX is loaded by the run already; keep this module light to import
+        return load(self.path)
+
     def logits(self, texts: Sequence[str], cache_dir: Path, batch_size: int) -> tuple[np.ndarray, Path, bool]:
         """(logits (N, C) float32 in the teacher's columns, cache file, whether it came from the cache).
 
@@ -223,11 +230,9 @@ class Teacher:
         if cached is not None:
             log.info("teacher logits: cached (%s, %d texts)", cache, len(texts))
             return cached, cache, True
-        from jaxclf.classifier import load  # JAX is loaded by the run already; keep this module light to import
         start = time.perf_counter()
         order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths batch with less padding
-        teacher = load(self.path)
-        sorted_logits = teacher.logits([texts[i] for i in order], batch_size=batch_size)
+        sorted_logits = self.classifier.logits([texts[i] for i in order], batch_size=batch_size)
         logits = np.empty_like(sorted_logits)
         logits[order] = sorted_logits
         if not np.isfinite(logits).all():
