@@ -240,11 +240,13 @@ def start_servers(args, model_dir: Path, work: Path, stack: contextlib.ExitStack
 
     def record(label: str, server: ServerProcess) -> None:
         status, info = http_json(server.port, "GET", "/model/info")
+        rss_ready, resident = server.rss(), resident_pages(server.proc.pid)  # before any request
+        first_calls = first_requests(server, label)
         startup[label] = {"launch_to_listening_s": server.listening_s, "launch_to_ready_s": server.ready_s,
                           "engine_startup_s": server.ready_info.get("startup_seconds"),
-                          "executables": server.ready_info.get("compilations"), "memory_mib": server.rss(),
-                          "resident": resident_pages(server.proc.pid),
-                          "serving": info.get("serving") if status == 200 else None}
+                          "executables": server.ready_info.get("compilations"), "memory_mib": rss_ready,
+                          "resident": resident,
+                          "serving": info.get("serving") if status == 200 else None, "first_requests_ms": first_calls}
         print(f"{label}: ready {server.ready_s:.2f}s after launch (engine {startup[label]['engine_startup_s']}s, "
               f"{startup[label]['executables']} executables), RSS {startup[label]['memory_mib']['VmRSS']:.0f} MiB",
               flush=True)
@@ -260,6 +262,26 @@ def start_servers(args, model_dir: Path, work: Path, stack: contextlib.ExitStack
         record(f"{mode}, cached", server)
         servers[mode] = server
     return servers, startup
+
+
+def first_requests(server: ServerProcess, label: str) -> dict[str, list[float]]:
+    """Milliseconds of the first two /predict and the first two /predict/batch (32 texts) after /ready.
+
+    Each is the first use of its bucket (a lone short text: batch 1; 32 of them: the largest batch),
+    so a server that left a bucket's first run to its first request shows it here.
+    """
+    out = {}
+    for path, body in (("/predict", lambda i: {"text": f"first request {i} of {label}"}),
+                       ("/predict/batch", lambda i: {"texts": [f"first batch {i} text {k} of {label}" for k in range(32)]})):
+        times = []
+        for i in range(2):
+            started = time.perf_counter()
+            status, _ = http_json(server.port, "POST", path, body(i))
+            if status != 200:
+                raise RuntimeError(f"{label}: {path} after /ready answered {status}")
+            times.append((time.perf_counter() - started) * 1000)
+        out[path] = times
+    return out
 
 
 def export_onnx(model_dir: Path, graph: Path) -> None:
@@ -386,10 +408,15 @@ def tables(args, predict: dict, batch: dict, startup: dict, memory: dict, tokens
     batch_table = markdown_table(["concurrency", "server", "requests/s", "predictions/s", "p50 ms", "p99 ms",
                                   "texts per compiled call", "ok", "errors",
                                   f"{names[0]} / this (pred/s)"], rows)
+    def first_then_next(times: list[float]) -> str:
+        return f"{times[0]:.1f} then {times[1]:.1f}"
+
     rows = [[label, s["launch_to_listening_s"], s["launch_to_ready_s"], s["engine_startup_s"], s["executables"],
-             s["memory_mib"]["VmRSS"]] for label, s in startup.items()]
+             s["memory_mib"]["VmRSS"], first_then_next(s["first_requests_ms"]["/predict"]),
+             first_then_next(s["first_requests_ms"]["/predict/batch"])] for label, s in startup.items()]
     start_table = markdown_table(["server start", "launch to listening s", "launch to ready s",
-                                  "engine load + compile s", "executables", "RSS after ready MiB"], rows)
+                                  "engine load + compile s", "executables", "RSS after ready MiB",
+                                  "first two /predict ms", "first two /predict/batch ms"], rows)
     rows = [[mode, m["VmRSS"], m["VmHWM"], ", ".join(m["torch_libraries"]) or "no"] for mode, m in memory.items()]
     memory_table = markdown_table(["server", "RSS after the load MiB", "peak RSS MiB", "torch imported"], rows)
     hits = sum(r["cache_hits"] for r in list(predict.values()) + list(batch.values()))

@@ -67,6 +67,31 @@ def test_buckets_compiled_ahead_of_time(engine):
     assert len(engine.version) == 12 and engine.version == inference.model_version(engine.model_path)
 
 
+def test_every_bucket_runs_once_before_the_engine_serves(tiny_model_dir, monkeypatch):
+    """A compiled bucket's first run is its slowest (first use of its kernels and buffers): start-up pays it."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        weights, executables = compilation.compile_buckets(*args, **kwargs)
+
+        def counted(bucket, executable):
+            def run(weights, ids, mask):
+                calls.append((bucket, ids.shape, mask.shape))
+                return executable(weights, ids, mask)
+            return run
+        return weights, {bucket: counted(bucket, ex) for bucket, ex in executables.items()}
+
+    monkeypatch.setattr(inference, "compile_buckets", counting)
+    eng = InferenceEngine(tiny_model_dir, max_batch_size=4, batch_buckets=(1, 4), length_buckets=(16, 32))
+    try:
+        assert sorted(calls) == [((b, t), (b, t), (b, t)) for b in (1, 4) for t in (16, 32)]
+        assert eng.stats().batches == 0 and eng.stats().requests == 0  # warming is not traffic
+        eng.predict_single("tacos")
+        assert len(calls) == 5
+    finally:
+        eng.close()
+
+
 def test_batch_equals_unbatched_logits_for_mixed_lengths(mixed_texts, engine, reference):
     texts = list(mixed_texts)
     random.Random(0).shuffle(texts)

@@ -7,9 +7,9 @@ The JAX backend (XLA executables, one per bucket) is the default everywhere. On 
 ONNX Runtime runs the same graph faster at small batches (benchmarks/results/inference.md: at batch 1
 it took 3.6 ms where XLA:CPU took 7.6 ms, 4 layers d256, 32 tokens), so `backend="onnxruntime"` runs
 the graph `jaxclf export-onnx` wrote instead, behind the very same buckets: a request is padded to
-a (batch, length) bucket exactly as for XLA, every bucket is run once at start-up (ONNX Runtime plans
-its memory per shape on the first run), and the batcher, cache, long-text windows and API are the
-engine's. Only `pip install 'jaxclf[onnx]'` is needed to serve; torch only to export.
+a (batch, length) bucket exactly as for XLA, the engine runs every bucket once at start-up (ONNX
+Runtime plans its memory per shape on the first run), and the batcher, cache, long-text windows and
+API are the engine's. Only `pip install 'jaxclf[onnx]'` is needed to serve; torch only to export.
 
 The graph must come from this model directory: its `jaxclf.content_hash` metadata (written by the
 export) must equal the directory's content hash, or the engine refuses to start, so a stale export
@@ -23,8 +23,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
-
 import numpy as np
 
 from jaxclf.config import ConfigError
@@ -46,8 +44,7 @@ class OnnxRuntimeBuckets:
     float32 (b, C) logits. A session's `run` is thread-safe, so the batcher's workers share it.
     """
 
-    def __init__(self, onnx_file: str | os.PathLike, model_path: str | os.PathLike,
-                 buckets: Sequence[tuple[int, int]], pad_token_id: int):
+    def __init__(self, onnx_file: str | os.PathLike, model_path: str | os.PathLike):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -79,10 +76,7 @@ class OnnxRuntimeBuckets:
         names = [i.name for i in self.session.get_inputs()]
         if names != ["input_ids", "attention_mask"]:
             raise ConfigError(f"{path}: expected inputs input_ids, attention_mask (a jaxclf export), got {names}")
-        for b, t in buckets:  # ONNX Runtime plans buffers on a shape's first run: do it before /ready
-            ids = np.full((b, t), pad_token_id, np.int64)
-            self.run((b, t), ids, np.ones((b, t), np.int64))
-        logger.info("ONNX Runtime %s serving %s (%d buckets warmed)", ort.__version__, path, len(buckets))
+        logger.info("ONNX Runtime %s serving %s", ort.__version__, path)
 
     def run(self, bucket: tuple[int, int], input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         del bucket  # the graph's axes are dynamic: the padded arrays already have the bucket's shape
