@@ -201,8 +201,9 @@ class InferenceEngine:
         longer at (32, 128) (first use of its kernels and buffers), and ONNX Runtime plans its buffers
         on a shape's first run. Without this, the first requests of each bucket would pay it.
         """
-        for b, t in self._buckets:
-            self._forward((b, t), np.full((b, t), self.config.pad_token_id, np.int32), np.ones((b, t), np.int32))
+        for b, t in self._buckets:  # np.asarray waits for the run: JAX dispatches asynchronously
+            np.asarray(self._forward((b, t), np.full((b, t), self.config.pad_token_id, np.int32),
+                                     np.ones((b, t), np.int32)))
 
     @staticmethod
     def _use_compilation_cache(path: str | None) -> None:
