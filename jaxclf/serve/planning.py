@@ -21,10 +21,10 @@ CALL_OVERHEAD_SLOTS = 128
 
 
 # Every compiled bucket costs resident memory: measured with `jaxclf serve` defaults on the benchmark
-# model (4 layers, d256, max length 128), 9 MiB per executable loaded from the persistent cache
-# (6 MiB compiled cold), plus ~1.5 MiB of buffers each keeps after its first run. 36 buckets (batch
-# powers of two x lengths 16-128 with midpoints) held 605 MiB after /ready and 683 MiB after 1,000
-# requests; the 12 below hold 370 and 432 MiB (benchmarks/serving.py has the breakdown).
+# model (4 layers, d256, max length 128), ~10 MiB per executable loaded from the persistent cache and
+# run once (the engine's warm-up). 36 buckets (batch powers of two x lengths 16-128 with midpoints)
+# held 601 MiB after /ready and 654 MiB after the benchmark's load; the 12 below hold 401 MiB after
+# /ready and 455 MiB after 10,000 requests (benchmarks/serving.py has the breakdown).
 def default_batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     """1, then powers of 8, then max_batch_size (always the last): (1, 8, 32) for the default 32."""
     buckets, n = {max_batch_size}, 1
