@@ -389,6 +389,18 @@ def server(tiny_model_dir, xla_cache, tmp_path_factory):
     assert srv.stop() == 0
 
 
+def test_a_refused_oversized_body_still_gets_its_413(server):
+    """waitress refuses a body over max_body_bytes from its Content-Length alone, while the client is still
+    sending it: the server must read and drop the rest, or closing the socket on unread bytes resets the
+    connection and the client never sees the answer."""
+    body = b'{"text": "' + b"x" * (16 << 20) + b'"}'  # far more than the socket buffers hold
+    for _ in range(3):
+        status, headers, answer = server.request("POST", "/predict", body, JSON)
+        assert status == 413 and answer["error"]["code"] == "request_entity_too_large"
+        assert headers["Connection"] == "close"
+    assert server.request("POST", "/predict", {"text": "tacos"})[0] == 200  # the server carries on
+
+
 def test_real_server_endpoints_and_errors(server):
     assert server.request("GET", "/")[2]["ready"] is True
     assert server.request("GET", "/health")[0] == 200

@@ -17,7 +17,8 @@ exit 1 at once (Kubernetes would SIGKILL it at its grace period anyway, without 
 
 waitress enforces the request limits before the app sees a byte: the body size (so a large body
 is refused, not buffered to disk first), the header size, the connections and their idle time.
-Its own refusals (413, 431, a malformed request) are answered in the app's JSON error format.
+Its own refusals (413, 431, a malformed request) are answered in the app's JSON error format, and
+reach a client that is still sending: the rest of its request is read and dropped before the close.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -41,6 +43,13 @@ from jaxclf.serve.service import Service
 logger = logging.getLogger(__name__)
 
 IDLE_POLLS = 3  # idle polls in a row that mean nothing is in flight any more
+# After refusing a request (413, 431, 400) waitress closes the connection with the rest of the request
+# unread, and closing a socket on unread bytes resets it: a client still sending its body then never
+# reads the answer. So the channel drains what keeps arriving, up to these bounds, before it closes
+# (a "lingering close", as nginx's lingering_time / Apache's lingering_close do); a client that goes
+# quiet instead is closed by waitress's idle sweep (channel_timeout_s).
+LINGER_S = 5.0
+LINGER_BYTES = 64 << 20
 CLOSE_RESERVE_FRACTION = 0.2  # of the shutdown time kept from the request drain for the batchers to stop
 CLOSE_RESERVE_MAX_S = 3.0
 
@@ -78,10 +87,43 @@ def json_error_channel(service: Service, config: ServeConfig) -> type:
             self.set_close_on_finish()
             self.content_length = len(body)
             self.write(body)
+            self.channel.linger_on_close = True
             service.record_refusal(error.code, self.channel.addr[0] if self.channel.addr else None, code)
 
     class JsonErrorChannel(HTTPChannel):
         error_task_class = JsonErrorTask
+        linger_on_close = False  # set by an error answer: drain the unread request before closing
+        drain_deadline: float | None = None  # time.monotonic() bound while draining; None when not
+        drained = 0
+
+        def handle_close(self) -> None:
+            if self.linger_on_close and self.drain_deadline is None and self.connected:
+                try:
+                    self.socket.shutdown(socket.SHUT_WR)  # the answer is flushed: FIN after it
+                except OSError:
+                    return super().handle_close()
+                self.drain_deadline = time.monotonic() + LINGER_S
+                self.will_close = self.close_when_flushed = False
+                return
+            super().handle_close()
+
+        def readable(self) -> bool:
+            return True if self.drain_deadline is not None else super().readable()
+
+        def writable(self) -> bool:  # while draining: only when waitress's idle sweep asks to close
+            return self.will_close if self.drain_deadline is not None else super().writable()
+
+        def handle_read(self) -> None:
+            if self.drain_deadline is None:
+                return super().handle_read()
+            try:
+                data = self.recv(1 << 16)  # b"" at the client's end of stream, which closes the channel
+            except OSError:
+                data = b""
+            self.drained += len(data)
+            if self.connected and (not data or self.drained > LINGER_BYTES
+                                   or time.monotonic() > self.drain_deadline):
+                super().handle_close()
 
     return JsonErrorChannel
 
