@@ -8,7 +8,7 @@ Each run is the README's command exactly: `python scripts/train.py`, no argument
 directory holding data/sample_texts.csv, timed as a whole process (interpreter start, JAX import,
 tokenizer, compiles, training, calibration, export, plot). The load average before each run is
 recorded, since the machine may be shared. The run's held-out rows are the ones the preset's
-eval_split holds out (jaxclf.train.loop.load_splits); TF-IDF + LinearSVC (the accuracy.py
+eval_split holds out (jaxclf.train.prepare.load_splits); TF-IDF + LinearSVC (the accuracy.py
 baseline: word 1-2-grams, sublinear tf, scikit-learn defaults) trains on the same training rows and
 is scored on the same held-out rows; its 5-fold cross-validation over all rows is reported too.
 Writes benchmarks/results/first_run.{json,md}.
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="timed default runs (median reported)")
     args = p.parse_args(argv)
 
-    from jaxclf.train.loop import load_splits
+    from jaxclf.train.prepare import load_splits
     from jaxclf.train.presets import get_preset
 
     model_cfg, train_cfg = get_preset("small")

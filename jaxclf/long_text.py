@@ -14,7 +14,7 @@ A text that fits is one window, exactly what `truncate` reads, so short texts sc
 under every rule.
 
 Training under chunks: each window of a training text is a training example of its own carrying
-the text's label (at most max_chunks of them; train.data.tokenize_dataset, expand_to_windows).
+the text's label (at most max_chunks of them; train.batches.tokenize_dataset, expand_to_windows).
 Windows are cut once, before training, so the Grain pipeline shuffles, batches and resumes rows
 exactly as it does texts (a resumed run is bitwise the uninterrupted one), and an epoch is a pass
 over every window. A window that does not say its text's class is a noisy example; the model

@@ -134,7 +134,7 @@ def calibrated_run(overconfident_model, tmp_path_factory):
 def test_fine_tuning_a_calibrated_model_folds_its_temperature_into_the_head(overconfident_model):
     """init_from: the training model has temperature 1 and computes the calibrated model's logits."""
     from jaxclf.model import create_model
-    from jaxclf.train.loop import _tokenizer_and_config
+    from jaxclf.train.prepare import _tokenizer_and_config
     from jaxclf.train.presets import get_preset
     from jaxclf import weights
 

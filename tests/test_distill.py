@@ -14,9 +14,10 @@ import pytest
 
 import jaxclf
 from jaxclf.config import ConfigError, TrainingConfig
-from jaxclf.train import data, distill
+from jaxclf.train import batches, data, distill
 from jaxclf.train.data import DataError
-from jaxclf.train.loop import prepare_data, train
+from jaxclf.train.loop import train
+from jaxclf.train.prepare import prepare_data
 from jaxclf.train.presets import get_preset
 from jaxclf.train.step import cross_entropy, distillation_loss
 
@@ -151,23 +152,23 @@ def test_batches_carry_per_example_teacher_logits_and_resume_exactly():
     sequences = [list(range(1, 2 + k % 5)) for k in range(20)]
     extras = {"teacher_logits": rng.normal(size=(20, 3)).astype(np.float32),
               "has_label": (np.arange(20) % 2).astype(np.float32)}
-    ds = data.TokenizedDataset.from_sequences(sequences, np.arange(20) % 3, extras=extras)
-    batches = data.train_batches(ds, global_batch_size=4, seed=3, buckets=(4, 8), pad_id=0)
-    first = next(batches)
+    ds = batches.TokenizedDataset.from_sequences(sequences, np.arange(20) % 3, extras=extras)
+    stream = batches.train_batches(ds, global_batch_size=4, seed=3, buckets=(4, 8), pad_id=0)
+    first = next(stream)
     assert first["teacher_logits"].shape == (4, 3) and first["teacher_logits"].dtype == np.float32
     for row in range(4):  # each row's teacher logits are its own example's
         k = next(i for i, seq in enumerate(sequences) if first["input_ids"][row, :len(seq)].tolist() == seq
                  and first["attention_mask"][row].sum() == len(seq)
                  and np.array_equal(extras["teacher_logits"][i], first["teacher_logits"][row]))
         assert first["has_label"][row] == extras["has_label"][k] and first["labels"][row] == k % 3
-    state = batches.get_state()
-    expected = [next(batches) for _ in range(3)]
-    resumed = data.train_batches(ds, global_batch_size=4, seed=3, buckets=(4, 8), pad_id=0)
+    state = stream.get_state()
+    expected = [next(stream) for _ in range(3)]
+    resumed = batches.train_batches(ds, global_batch_size=4, seed=3, buckets=(4, 8), pad_id=0)
     resumed.set_state(state)
     for want in expected:
         got = next(resumed)
         assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
-    last = list(data.eval_batches(ds, global_batch_size=8, buckets=(4, 8), pad_id=0))[-1]
+    last = list(batches.eval_batches(ds, global_batch_size=8, buckets=(4, 8), pad_id=0))[-1]
     np.testing.assert_array_equal(last["weights"], [1, 1, 1, 1, 0, 0, 0, 0])  # padding rows: zeros
     np.testing.assert_array_equal(last["teacher_logits"][4:], 0.0)
 

@@ -20,7 +20,7 @@ from jaxclf.classifier import TextClassifier
 from jaxclf.config import ConfigError, ModelConfig, TrainingConfig
 from jaxclf.long_text import Chunking, TextTooLongError, pool_windows, window_spans
 from jaxclf.model import create_model
-from jaxclf.train import data
+from jaxclf.train import batches, data
 from jaxclf.train.loop import train
 
 FILLER = ("the a of and to in is it that was for on with as this at by from or so "
@@ -120,19 +120,19 @@ def test_refused_overflow_names_the_example_in_training_data(tok):
     long_doc = " ".join(FILLER * 2)
     with pytest.raises(data.DataError,
                        match=r"example 2: text of 60 tokens needs 6 windows of 14 tokens .* max_chunks is 2"):
-        data.tokenize_dataset(tok, ["the a", long_doc], [0, 1],
+        batches.tokenize_dataset(tok, ["the a", long_doc], [0, 1],
                               chunking=Chunking(stride=10, max_windows=2, overflow="refuse"))
 
 
 def test_tokenized_training_data_repeats_each_text_label_on_its_windows_and_pools_back(tok):
     texts = ["the year", " ".join(FILLER[:30]), " ".join(FILLER[:20]), "awful"]
-    ds = data.tokenize_dataset(tok, texts, [1, 0, 1, 0], chunking=Chunking(stride=10, max_windows=8))
+    ds = batches.tokenize_dataset(tok, texts, [1, 0, 1, 0], chunking=Chunking(stride=10, max_windows=8))
     assert ds.owner.tolist() == [0, 1, 1, 1, 2, 2, 3] and ds.labels.tolist() == [1, 0, 0, 0, 1, 1, 0]
     assert ds.num_texts == 4 and ds.text_labels.tolist() == [1, 0, 1, 0]
     assert [ds[i]["label"] for i in range(len(ds))] == ds.labels.tolist()
     row_logits = np.arange(14, dtype=np.float32).reshape(7, 2)
     np.testing.assert_allclose(ds.pool(row_logits, "mean"), [[0, 1], [4, 5], [9, 10], [12, 13]])
-    plain = data.tokenize_dataset(tok, texts, [1, 0, 1, 0])
+    plain = batches.tokenize_dataset(tok, texts, [1, 0, 1, 0])
     assert plain.owner is None and len(plain) == plain.num_texts == 4
 
 

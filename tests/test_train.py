@@ -126,18 +126,18 @@ def test_early_stopping_threshold_counts_small_gains_as_no_improvement():
 
 
 def test_vocab_size_set_in_the_model_config_is_honoured(caplog):
-    from jaxclf.train.loop import prepare_data
+    from jaxclf.train.prepare import prepare_data
     cfg = TrainingConfig(train_file=str(SAMPLE), output_dir="/nonexistent/never-written")
     model = ModelConfig(vocab_size=10000, d_model=32, nhead=2, num_encoder_layers=1, dim_feedforward=64,
                         max_position_embeddings=32)
-    with caplog.at_level("INFO", logger="jaxclf.train.loop"):
+    with caplog.at_level("INFO", logger="jaxclf.train.prepare"):
         prepared = prepare_data(model, cfg)
     learned = prepared.tokenizer.get_vocab_size()
     assert prepared.config.vocab_size == prepared.export_config.vocab_size == 10000 and learned < 10000
     assert f"has {learned} tokens; model vocab_size = 10000 as configured" in caplog.text
     # train.tokenizer_vocab_size sizes the model to what the tokenizer learned, and says so.
     caplog.clear()
-    with caplog.at_level("INFO", logger="jaxclf.train.loop"):
+    with caplog.at_level("INFO", logger="jaxclf.train.prepare"):
         sized = prepare_data(model, cfg.replace(tokenizer_vocab_size=300))
     assert sized.config.vocab_size == sized.tokenizer.get_vocab_size() == 300
     assert "model.vocab_size=10000 is not used when train.tokenizer_vocab_size is set" in caplog.text
@@ -148,7 +148,7 @@ def test_vocab_size_set_in_the_model_config_is_honoured(caplog):
 def test_fine_tuning_a_longer_model_than_the_preset_buckets_adds_its_max_length(tmp_path, tiny_model_dir):
     """The small preset's buckets stop at 64 tokens; a model fine-tuned from init_from reads up to its own
     max length (an imported MiniLM: 256), which becomes the last bucket instead of a refused example."""
-    from jaxclf.train.loop import prepare_data
+    from jaxclf.train.prepare import prepare_data
     from jaxclf.train.presets import get_preset
     model, cfg = get_preset("small")
     long_rows = tmp_path / "long.csv"

@@ -8,11 +8,13 @@
 The original framework's API (jaxclf.train.trainer): `from jaxclf.train import train_model, TrainingConfig`,
 and Trainer, TextClassificationDataset, EarlyStoppingCallback.
 
-Modules: loop (the run, in phases), step (the jitted train/eval steps), evaluate (the one evaluation
-report), runlog (JSONL/TensorBoard/PNG/progress), trainer (the original framework's API), data
-(readers, tokenized datasets, Grain batches), datasets (public data sets for benchmarks), optim
-(clip -> AdamW, schedules), sharding (mesh, logical axes, jax.distributed), checkpoint (Orbax),
-flops (MFU), presets (named configurations). The configs themselves live in jaxclf.config.
+Modules: prepare (a run's first phase: read, label, tokenize), loop (the run's steps and export),
+step (the jitted train/eval steps), evaluate (the one evaluation report), runlog
+(JSONL/TensorBoard/PNG/progress), trainer (the original framework's API), data (example files:
+read, write, split), batches (tokenized datasets, Grain batches), distill (a teacher's soft
+labels), datasets (public data sets for benchmarks), optim (clip -> AdamW, schedules), sharding
+(mesh, logical axes, jax.distributed), checkpoint (Orbax), flops (MFU), presets (named
+configurations). The configs themselves live in jaxclf.config.
 
 Imported lazily: `jaxclf.train.data` or `jaxclf.train.presets` must not pull in Flax, the model or the loop.
 """

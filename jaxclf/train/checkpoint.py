@@ -80,7 +80,7 @@ def abstract_like(tree: Any) -> Any:
 
 
 def iterator_checkpoint_args(iterator: grain.DatasetIterator) -> grain.checkpoint.CheckpointSave:
-    """Orbax save args for a grain iterator (jaxclf.train.data.train_batches), an item of `ocp.args.Composite`.
+    """Orbax save args for a grain iterator (jaxclf.train.batches.train_batches), an item of `ocp.args.Composite`.
 
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=iterator_checkpoint_args(batches)))

@@ -20,7 +20,7 @@ import numpy as np
 from jaxclf import calibration
 from jaxclf.classifier import TextClassifier, softmax
 from jaxclf.metrics import classification_report, mean_cross_entropy
-from jaxclf.train import data, sharding
+from jaxclf.train import batches, data, sharding
 
 CONFIDENCE_BINS = 10  # equal-width bins of the top-class probability over [0, 1]
 
@@ -62,7 +62,7 @@ def evaluate_classifier(clf: TextClassifier, texts: Sequence[str], labels: Seque
     return report
 
 
-def sharded_logits(eval_step: Callable, params: Any, ds: data.TokenizedDataset, *, mesh,
+def sharded_logits(eval_step: Callable, params: Any, ds: batches.TokenizedDataset, *, mesh,
                    global_batch_size: int, buckets: Sequence[int], pad_id: int,
                    pooling: str = "mean") -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, C), label ids (N,)) of every TEXT of `ds` on host, computed by a jitted, sharded eval_step.
@@ -72,7 +72,7 @@ def sharded_logits(eval_step: Callable, params: Any, ds: data.TokenizedDataset, 
     model's chunk_pooling), so a long document is scored once, as jaxclf.load(...).logits scores it.
     """
     all_logits, all_labels, all_weights = [], [], []
-    for batch in data.eval_batches(ds, global_batch_size=global_batch_size, buckets=buckets, pad_id=pad_id,
+    for batch in batches.eval_batches(ds, global_batch_size=global_batch_size, buckets=buckets, pad_id=pad_id,
                                    process_index=jax.process_index(), process_count=jax.process_count()):
         all_logits.append(np.asarray(eval_step(params, sharding.global_batch(batch, mesh))))
         all_labels.append(sharding.gather_to_host(batch["labels"]))

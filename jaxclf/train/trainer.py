@@ -33,7 +33,8 @@ from jaxclf.config import ConfigError, ModelConfig, TrainingConfig
 from jaxclf.errors import JaxclfError
 from jaxclf.train import data
 from jaxclf.train.evaluate import evaluate_classifier
-from jaxclf.train.loop import TrainResult, load_splits, train
+from jaxclf.train.loop import TrainResult, train
+from jaxclf.train.prepare import load_splits
 
 log = logging.getLogger(__name__)
 
