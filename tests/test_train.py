@@ -216,16 +216,27 @@ def test_unknown_eval_label_is_named(tmp_path):
 # ----------------------------------------------------------------------------- the main job
 
 
+# Runs a script (argv[1]) as __main__ and prints the torch modules it imported when it exits.
+REPORT_TORCH_AT_EXIT = """
+import atexit, runpy, sys
+atexit.register(lambda: print("torch modules:", sorted(m for m in sys.modules if m.split(".")[0] == "torch"),
+                              file=sys.stderr))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_default_command_trains_on_sample_data_and_both_frameworks_load_the_export(tmp_path):
     """`python scripts/train.py` with no arguments, from a directory holding data/sample_texts.csv."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "sample_texts.csv").write_bytes(SAMPLE.read_bytes())
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", REPORT_TORCH_AT_EXIT, str(SCRIPT)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "torch modules: []" in proc.stderr, "training imported torch: " + proc.stderr[-300:]
     out = tmp_path / "runs" / "default"
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"default run: {wall:.1f} s wall, eval accuracy {summary['accuracy']:.3f}")

@@ -26,6 +26,24 @@ from jaxclf.train import flops
 log = logging.getLogger(__name__)
 
 
+def summary_writer(logdir: Path):
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch whenever it is installed (to accept torch tensors), which would put
+    torch on the training path (it never is) and cost 2.3 s of every run (4.2 s cold). Blocked for
+    the import, `import torch` fails and tensorboardX takes numpy arrays and Python scalars only.
+    """
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # the import system's "not importable" marker
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if block:
+            del sys.modules["torch"]
+    return SummaryWriter(str(logdir))
+
+
 class RunLog:
     """Process 0 writes metrics as JSON lines and TensorBoard events, and a PNG of the curves at the end."""
 
@@ -40,8 +58,7 @@ class RunLog:
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
-        from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        self.writer = summary_writer(output_dir / "tensorboard")
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         """One record {"kind", "step", **values}; numeric values also go to TensorBoard as kind/name."""
