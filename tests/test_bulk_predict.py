@@ -24,16 +24,12 @@ from jaxclf.cli import run_command
 from jaxclf.cli.predict import main as predict_main
 from jaxclf.train.data import DataError
 
+from test_train import _env  # a JAX subprocess environment with the suite's XLA cache
+
 ROOT = Path(__file__).resolve().parents[1]
 # Small shards, windows and batches, so a few hundred rows make several of each (and partial ones).
 SMALL = BulkConfig(batch_size=16, sort_window=64, shard_rows=100, id_field="id")
 SMALL_FLAGS = ["--batch-size", "16", "--sort-window", "64", "--shard-rows", "100"]
-
-
-def _env(devices: int = 1) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
-    return env
 
 
 def free_port() -> int:
