@@ -23,6 +23,7 @@ import json
 import logging
 import os
 from pathlib import Path
+
 import numpy as np
 
 from jaxclf.config import ConfigError

@@ -84,10 +84,10 @@ def json_error_channel(service: Service, config: ServeConfig) -> type:
             self.status = f"{error.code} {error.reason}"
             self.response_headers.extend([("Content-Type", "application/json"), ("X-Request-ID", uuid.uuid4().hex),
                                           ("X-Content-Type-Options", "nosniff")])
+            self.channel.linger_on_close = True  # before the answer is written: the loop may close right after
             self.set_close_on_finish()
             self.content_length = len(body)
             self.write(body)
-            self.channel.linger_on_close = True
             service.record_refusal(error.code, self.channel.addr[0] if self.channel.addr else None, code)
 
     class JsonErrorChannel(HTTPChannel):
