@@ -48,3 +48,9 @@ def tiny_model_dir_seed1(tiny_model_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_model_seed1") / "model"
     jaxclf.create(config, tokenizer, seed=1).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def xla_cache(tmp_path_factory) -> Path:
+    """One persistent XLA compilation cache for every server the suite starts (--compilation-cache-dir)."""
+    return tmp_path_factory.mktemp("xla_cache")

@@ -50,11 +50,6 @@ def engine(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xla_cache")
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model_dir, xla_cache, tmp_path_factory):
     """A real server with a 4 KiB body limit, logging every request (the access log is in server.log)."""
     srv = Server(tiny_model_dir, tmp_path_factory.mktemp("server") / "serve.log", "--log-level", "info",

@@ -31,11 +31,6 @@ ENGINE_OPTIONS = {"max_batch_size": 4, "batch_buckets": (1, 4), "max_wait_ms": 1
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xla_cache")
-
-
 def registry_with(root: Path, *model_dirs: Path, **aliases: int) -> Registry:
     reg = Registry(root)
     for d in model_dirs:

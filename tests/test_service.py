@@ -371,11 +371,6 @@ def metric_value(samples, name: str, **labels) -> float:
 
 
 @pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xla_cache")
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model_dir, xla_cache, tmp_path_factory):
     srv = Server(tiny_model_dir, tmp_path_factory.mktemp("server") / "serve.log",
                  "--threads", "40", "--max-batch-size", "16", "--batch-buckets", "1,4,16", "--max-wait-ms", "20",
