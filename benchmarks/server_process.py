@@ -114,8 +114,9 @@ class ServerProcess:
 
     def __init__(self, model_dir: str | os.PathLike, extra_args: list[str] | None = None,
                  cache_dir: str | os.PathLike | None = None, log_dir: str | os.PathLike | None = None,
-                 name: str = "server"):
+                 name: str = "server", env: dict[str, str] | None = None):
         self.model_dir, self.extra_args, self.cache_dir, self.name = model_dir, list(extra_args or []), cache_dir, name
+        self.env = dict(env or {})  # set in the server's environment (e.g. XLA_FLAGS), over this process's
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="jaxclf-bench-logs-"))
         self.log_path = self.log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
@@ -140,7 +141,7 @@ class ServerProcess:
         self._log = open(self.log_path, "wb")
         self.launched_at = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
 
     def log_tail(self, chars: int = 3000) -> str:
         try:

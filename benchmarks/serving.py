@@ -25,6 +25,7 @@ unless --model names a model directory. Everything is bounded and the servers ge
     python benchmarks/serving.py --quick                  # ~1 min: concurrency 1,8, fewer requests
     python benchmarks/serving.py --model runs/default/model --concurrency 1,16 --rounds 5
     python benchmarks/serving.py --server jax= --server onnxruntime="--backend onnxruntime"   # the backends
+    python benchmarks/serving.py --server default= --server "flag=XLA_FLAGS=--xla_cpu_... --batch-buckets 1,8,32"
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import re
 import signal
 import sys
 import tempfile
@@ -71,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-requests", type=int, default=48, help="/predict/batch requests per level, round and server")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level")
     p.add_argument("--server", action="append", default=None, metavar="NAME=FLAGS",
-                   help="a server to measure: a name and extra scripts/serve.py flags (repeatable; default: "
+                   help="a server to measure: a name and extra scripts/serve.py flags, after any VAR=VALUE "
+                        "settings of its environment (repeatable; default: "
                         f"{' and '.join(repr(x) for x in DEFAULT_SERVERS)}); the first is the soaked one")
     p.add_argument("--soak-requests", type=int, default=10_000,
                    help="requests sent to the first server after the measured levels (9 /predict to 1 "
@@ -86,12 +89,17 @@ def parse_args(argv=None):
     if args.quick:
         args.concurrency, args.requests, args.rounds = [1, 8], 64, 2
         args.batch_concurrency, args.batch_requests, args.soak_requests = [1], 8, 500
-    args.servers = {}
+    args.servers, args.server_env = {}, {}
     for item in args.server or DEFAULT_SERVERS:
         name, sep, flags = item.partition("=")
         if not sep or not name.strip() or name in args.servers:
             p.error(f"--server {item!r} must be NAME=FLAGS with a new NAME")
-        args.servers[name.strip()] = flags.split()
+        tokens = flags.split()
+        env = {}
+        while tokens and re.match(r"[A-Z][A-Z0-9_]*=", tokens[0]):  # XLA_FLAGS=--xla_... before the flags
+            key, _, value = tokens.pop(0).partition("=")
+            env[key] = value
+        args.servers[name.strip()], args.server_env[name.strip()] = tokens, env
     return args
 
 
@@ -251,13 +259,14 @@ def start_servers(args, model_dir: Path, work: Path, stack: contextlib.ExitStack
               f"{startup[label]['executables']} executables), RSS {startup[label]['memory_mib']['VmRSS']:.0f} MiB",
               flush=True)
 
-    with ServerProcess(model_dir, flags[first], cache_dir=cache, log_dir=work, name="cold") as cold:
+    with ServerProcess(model_dir, flags[first], cache_dir=cache, log_dir=work, name="cold",
+                       env=args.server_env[first]) as cold:
         cold.wait_ready()
         record(f"{first}, cold cache", cold)
     servers = {}
     for mode in flags:
         server = stack.enter_context(ServerProcess(model_dir, flags[mode], cache_dir=cache, log_dir=work,
-                                                   name="server-" + str(len(servers))))
+                                                   name="server-" + str(len(servers)), env=args.server_env[mode]))
         server.wait_ready()
         record(f"{mode}, cached", server)
         servers[mode] = server
@@ -420,7 +429,8 @@ def tables(args, predict: dict, batch: dict, startup: dict, memory: dict, tokens
     rows = [[mode, m["VmRSS"], m["VmHWM"], ", ".join(m["torch_libraries"]) or "no"] for mode, m in memory.items()]
     memory_table = markdown_table(["server", "RSS after the load MiB", "peak RSS MiB", "torch imported"], rows)
     hits = sum(r["cache_hits"] for r in list(predict.values()) + list(batch.values()))
-    servers = "; ".join(f"{name}: {' '.join(flags) or 'default flags'}" for name, flags in args.servers.items())
+    servers = "; ".join(f"{name}: {' '.join([f'{k}={v}' for k, v in args.server_env[name].items()] + flags) or 'default flags'}"
+                        for name, flags in args.servers.items())
     return (f"Model: {args.model_desc}. Servers: {servers}. Client: {args.rounds} interleaved rounds per level "
             f"(one server after the other), {args.requests} /predict or {args.batch_requests} /predict/batch requests per round, "
             f"split over the concurrency's threads, one keep-alive connection each, on the same 2-core machine as "
