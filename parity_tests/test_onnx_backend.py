@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 for _package in ("onnx", "onnxscript", "onnxruntime"):
     pytest.importorskip(_package, reason=f"{_package} is not installed: pip install 'jaxclf[onnx]'")
@@ -60,6 +62,9 @@ def test_onnxruntime_backend_matches_the_jax_backend_on_mixed_lengths(exported_d
         assert (health["status"], health["backend"], health["stray_compilations"]) == ("ok", "onnxruntime", 0)
         assert sorted(map(tuple, health["compiled_buckets"])) == [(1, 8), (1, 24), (8, 8), (8, 24)]
         assert ort_engine.aot_compilations == 0  # no XLA executable is built for this backend
+        # ...and no JAX copy of the weights: the parameters are shapes only
+        params = jax.tree.leaves(nnx.state(ort_engine.classifier.model, nnx.Param))
+        assert params and all(isinstance(p, jax.ShapeDtypeStruct) for p in params)
 
 
 def test_chunked_documents_pool_the_same_on_both_backends(saved_model_dir, tmp_path):
