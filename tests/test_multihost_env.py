@@ -15,12 +15,11 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 from jaxclf.config import ConfigError
 from jaxclf.train import sharding
-from test_train import ROOT, SCRIPT, TINY, _env, run_train, train_losses, weights_of  # the flag-based test's helpers
+from test_train import MESH_JOB, ROOT, SCRIPT, TINY, _env, assert_runs_match  # the flag-based test's helpers
 
 # Variables that make one of JAX's cluster detectors match; cleared so the machine looks plain.
 CLUSTER_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
@@ -102,15 +101,12 @@ def test_incomplete_or_malformed_settings_are_one_named_error(call, environment,
 
 
 @pytest.mark.slow
-def test_two_processes_from_slurm_variables_alone_match_one_process(tmp_path):
-    common = ["train.max_steps=6", "train.eval_split=0.2", "train.eval_steps=6", "train.save_steps=3"]
-    single = tmp_path / "single"
-    run_train(single, *common, "train.per_device_train_batch_size=16")
+def test_two_processes_from_slurm_variables_alone_match_one_process(tmp_path, one_device_run):
     multi = tmp_path / "multi"
     job_id = slurm_job_id_with_free_port()
     base_env = {k: v for k, v in _env().items() if k not in CLUSTER_VARIABLES}
     procs = [subprocess.Popen(
-        [sys.executable, str(SCRIPT), *TINY, "--output", str(multi), *common, "train.per_device_train_batch_size=8"],
+        [sys.executable, str(SCRIPT), *TINY, "--output", str(multi), *MESH_JOB, "train.per_device_train_batch_size=8"],
         cwd=ROOT, env=base_env | slurm_step_environment(job_id, process=i, processes=2),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     logs = []
@@ -125,10 +121,4 @@ def test_two_processes_from_slurm_variables_alone_match_one_process(tmp_path):
                 p.kill()
     for i, err in enumerate(logs):
         assert f"process {i} of 2 joined from the slurm environment" in err, err[-2000:]
-    a, b = train_losses(single), train_losses(multi)
-    assert a.keys() == b.keys()
-    worst = max(abs(a[s] - b[s]) for s in a)
-    assert worst < 1e-5, f"per-step losses differ by up to {worst:g}"
-    wa, wb = weights_of(single / "model"), weights_of(multi / "model")
-    worst_w = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
-    assert worst_w < 1e-5, f"final weights differ by {worst_w:g}"
+    assert_runs_match(one_device_run, multi)

@@ -320,22 +320,35 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path, reference_run):
 # ----------------------------------------------------------------------------- sharding
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_eight_devices_data_x_fsdp_match_one_device(tmp_path, micro_batches):
-    common = ["train.max_steps=6", "train.eval_split=0", "train.save_steps=100", f"train.micro_batches={micro_batches}"]
-    one = tmp_path / "one"
-    run_train(one, *common, "train.per_device_train_batch_size=16")
-    eight = tmp_path / "eight"
-    run_train(eight, *common, "train.per_device_train_batch_size=2", "train.mesh_data=2", "train.mesh_fsdp=4",
-              devices=8)
-    a, b = train_losses(one), train_losses(eight)
-    assert a.keys() == b.keys() and len(a) >= 5
-    worst = max(abs(a[s] - b[s]) for s in a)
-    assert worst < 1e-5, f"per-step losses differ by up to {worst:g}: {a} vs {b}"
-    wa, wb = weights_of(one / "model"), weights_of(eight / "model")
+# One small job (6 steps, an eval at step 6, checkpoints at 3 and 6) that the sharding tests run on
+# several device layouts; conftest's one_device_run and eight_device_run hold its two common layouts.
+MESH_JOB = ("train.max_steps=6", "train.eval_split=0.2", "train.eval_steps=6", "train.save_steps=3")
+
+
+def assert_runs_match(a: Path, b: Path) -> None:
+    """Per-step losses and final weights of two runs of one job agree to 1e-5."""
+    la, lb = train_losses(a), train_losses(b)
+    assert la.keys() == lb.keys() and len(la) >= 5
+    worst = max(abs(la[s] - lb[s]) for s in la)
+    assert worst < 1e-5, f"per-step losses differ by up to {worst:g}: {la} vs {lb}"
+    wa, wb = weights_of(a / "model"), weights_of(b / "model")
     worst_w = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
     assert worst_w < 1e-5, f"final weights differ by {worst_w:g}"
+
+
+@pytest.mark.slow
+def test_eight_devices_data_x_fsdp_match_one_device(one_device_run, eight_device_run):
+    assert_runs_match(one_device_run, eight_device_run)
+
+
+@pytest.mark.slow
+def test_eight_devices_in_two_micro_batches_match_one_device_in_two(tmp_path):
+    # Against its own one-device run: each micro-batch draws its own dropout masks.
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    run_train(one, *MESH_JOB, "train.per_device_train_batch_size=16", "train.micro_batches=2")
+    run_train(eight, *MESH_JOB, "train.per_device_train_batch_size=2", "train.mesh_data=2", "train.mesh_fsdp=4",
+              "train.micro_batches=2", devices=8)
+    assert_runs_match(one, eight)
 
 
 RESTORE_CHECK = """
@@ -362,15 +375,9 @@ assert not bad, bad
 
 
 @pytest.mark.slow
-def test_checkpoint_restores_across_meshes(tmp_path):
+def test_checkpoint_restores_across_meshes(one_device_run, eight_device_run):
     """Saved on 8 devices (data 2 x fsdp 4) -> restored on 1; saved on 1 -> restored on 4 (fsdp 4)."""
-    common = ["train.max_steps=4", "train.eval_split=0", "train.save_steps=4"]
-    eight = tmp_path / "eight"
-    run_train(eight, *common, "train.per_device_train_batch_size=2", "train.mesh_data=2", "train.mesh_fsdp=4",
-              devices=8)
-    one = tmp_path / "one"
-    run_train(one, *common, "train.per_device_train_batch_size=16")
-    for out, devices, fsdp in ((eight, 1, 1), (one, 4, 4)):
+    for out, devices, fsdp in ((eight_device_run, 1, 1), (one_device_run, 4, 4)):
         proc = subprocess.run([sys.executable, "-c", RESTORE_CHECK, str(out), str(fsdp)], cwd=ROOT,
                               env=_env(devices), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -380,28 +387,19 @@ def test_checkpoint_restores_across_meshes(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_with_jax_distributed_match_one_process(tmp_path):
-    common = ["train.max_steps=6", "train.eval_split=0.2", "train.eval_steps=6", "train.save_steps=3"]
-    single = tmp_path / "single"
-    run_train(single, *common, "train.per_device_train_batch_size=16")
+def test_two_processes_with_jax_distributed_match_one_process(tmp_path, one_device_run):
     multi = tmp_path / "multi"
     port = free_port()
     procs = [subprocess.Popen(
-        [sys.executable, str(SCRIPT), *TINY, "--output", str(multi), *common,
+        [sys.executable, str(SCRIPT), *TINY, "--output", str(multi), *MESH_JOB,
          "train.per_device_train_batch_size=8", "--coordinator", f"127.0.0.1:{port}",
          "--num-processes", "2", "--process-id", str(i)],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-    a, b = train_losses(single), train_losses(multi)
-    assert a.keys() == b.keys()
-    worst = max(abs(a[s] - b[s]) for s in a)
-    assert worst < 1e-5, f"per-step losses differ by up to {worst:g}"
-    wa, wb = weights_of(single / "model"), weights_of(multi / "model")
-    worst_w = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
-    assert worst_w < 1e-5, f"final weights differ by {worst_w:g}"
-    ma = json.loads((single / "model" / "metrics.json").read_text())["eval"]
+    assert_runs_match(one_device_run, multi)
+    ma = json.loads((one_device_run / "model" / "metrics.json").read_text())["eval"]
     mb = json.loads((multi / "model" / "metrics.json").read_text())["eval"]
     assert ma["confusion_matrix"] == mb["confusion_matrix"]
 
