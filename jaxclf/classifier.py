@@ -115,12 +115,17 @@ class TextClassifier:
         return load(path)
 
 
-def load(path: str | os.PathLike) -> TextClassifier:
-    """Load a model directory (config.json, model.safetensors, tokenizer.json, metrics.json)."""
+def load(path: str | os.PathLike, with_weights: bool = True) -> TextClassifier:
+    """Load a model directory (config.json, model.safetensors, tokenizer.json, metrics.json).
+
+    with_weights=False leaves the parameters as shapes (jax.ShapeDtypeStruct): the tokenizer, config
+    and metrics of a model another runtime computes (the engine's ONNX Runtime backend).
+    """
     check_weight_shapes(path)
     config, tensors, tok, metrics = model_dir.read(path)
-    model = create_model(config, seed=0)
-    weights.load_torch_state(model, tensors, source=str(Path(path) / model_dir.WEIGHTS_FILE))
+    model = create_model(config, seed=0, init_params=False)
+    if with_weights:
+        weights.load_torch_state(model, tensors, source=str(Path(path) / model_dir.WEIGHTS_FILE))
     return TextClassifier(model, tok, metrics)
 
 

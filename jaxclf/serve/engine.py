@@ -36,17 +36,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jaxclf import model_dir, weights
-from jaxclf.classifier import TextClassifier, predictions
+from jaxclf import model_dir
+from jaxclf.classifier import load, predictions
 from jaxclf.config import ConfigError
 from jaxclf.long_text import TextTooLongError, Windows
 from jaxclf.serve.batcher import Batcher, QueuedText
 from jaxclf.serve.cache import ResultCache
-from jaxclf.model import create_model
 from jaxclf.serve.compilation import (ServingRequest, compile_buckets, enable_compilation_cache,
                                      ensure_compile_listener, release_free_memory)
 from jaxclf.serve.config import EngineConfig, override
@@ -82,33 +79,6 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     if not path.is_dir() and (path.parent / model_dir.CONFIG_FILE).is_file():
         return path.parent
     return path
-
-
-def load_for_serving(path: str | os.PathLike, with_weights: bool = True) -> TextClassifier:
-    """classifier.load without the random initialisation: the model's shapes, then the saved weights.
-
-    Initialising eagerly runs (and compiles) one small XLA program per parameter shape only for the
-    values to be overwritten; measured on the benchmark model (4 layers, d256, vocab 8000) that
-    left +95 MiB resident (+165 MiB for the whole load, +20 MiB this way). The RNG state of the
-    dropout layers is not saved and unused in eval mode; it gets a fixed key.
-
-    with_weights=False leaves the parameters as shapes (jax.ShapeDtypeStruct): the tokenizer, config
-    and metrics of a model another runtime computes (the ONNX Runtime backend).
-    """
-    config, tensors, tokenizer, metrics = model_dir.read(path)
-    model = nnx.eval_shape(lambda: create_model(config, seed=0))
-    if with_weights:
-        weights.load_torch_state(model, tensors, source=str(Path(path) / model_dir.WEIGHTS_FILE))
-    del tensors  # the host copies: every parameter is on the device now, or not needed
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    rest = jax.tree.map(_concrete_filler, rest)
-    return TextClassifier(nnx.merge(graphdef, params, rest), tokenizer, metrics)
-
-
-def _concrete_filler(abstract: jax.ShapeDtypeStruct) -> jax.Array:
-    if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
-        return jnp.broadcast_to(jax.random.key(0), abstract.shape)
-    return jnp.zeros(abstract.shape, abstract.dtype)
 
 
 def resolve_device(name: str) -> jax.Device:
@@ -153,7 +123,7 @@ class InferenceEngine:
         ensure_compile_listener()
         self._use_compilation_cache(self.engine_config.compilation_cache_dir)
         with jax.default_device(self.device):  # the ONNX Runtime backend computes without JAX weights
-            self.classifier = load_for_serving(self.model_path, with_weights=self.engine_config.backend == "jax")
+            self.classifier = load(self.model_path, with_weights=self.engine_config.backend == "jax")
         self.config = self.classifier.config  # the ModelConfig
         self.labels = self.classifier.labels
         self.tokenizer = self.classifier.tokenizer

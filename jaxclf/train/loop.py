@@ -120,7 +120,7 @@ def build_train_state(config: ModelConfig, cfg: TrainingConfig, mesh, total_step
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              jax.eval_shape(init_state, abstract_params), state_shardings)
     elif init_tensors is not None:
-        model = create_model(config, cfg.seed)
+        model = create_model(config, cfg.seed, init_params=False)
         weights.load_torch_state(model, init_tensors, source=cfg.init_from or "initial weights")
         _, params, rest = nnx.split(model, nnx.Param, ...)
         state = make(jax.device_put(params, param_shardings))
@@ -332,7 +332,7 @@ class _Run:
             log.info("no evaluation data (eval_split=0, no eval_file): confidences are not calibrated, "
                      "temperature stays %g", export_config.temperature)
         if self.is_main:
-            model = create_model(export_config, self.cfg.seed)
+            model = create_model(export_config, self.cfg.seed, init_params=False)
             nnx.update(model, jax.tree.map(np.asarray, host_params))
             export_metrics = {"eval": eval_metrics, "step": exported_step, "epoch": self.epoch(exported_step),
                               "train_file": self.cfg.train_file, "eval_file": self.cfg.eval_file,
