@@ -304,7 +304,7 @@ class TransformerClassifier(nnx.Module):
 def create_model(config: ModelConfig, seed: int = 0, *, init_params: bool = True) -> TransformerClassifier:
     """A freshly initialised model; `params` and `dropout` RNG streams both derive from `seed`.
 
-    init_params=False: the model saved weights are about to replace. Its parameters are shapes
+    init_params=False: a model for saved weights to fill. Its parameters are shapes
     (jax.ShapeDtypeStruct) and its other state (the dropout RNG keys and counts) is what
     init_params=True gives, computed by one jitted program XLA prunes to the RNG arithmetic. Eager
     initialisation compiles and runs one small program per parameter shape only for the values to be
