@@ -8,7 +8,6 @@ that always ends its server with SIGTERM (then SIGKILL if it has not exited with
 
 from __future__ import annotations
 
-import csv
 import http.client
 import json
 import os

@@ -6,16 +6,13 @@ devices is fixed when JAX starts and because a kill must hit a real process.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,17 +37,9 @@ TINY = ["--config", "tiny", "--train", str(SAMPLE), "train.max_steps=30", "train
         "train.eval_steps=10", "train.logging_steps=1", "train.async_checkpointing=false"]
 
 
-# One persistent XLA cache for every subprocess the suite starts: most run the same tiny programs, and
-# a tiny training run takes 9 s with them cached against 16-20 s compiling. Compiled or loaded, an
-# executable computes the same bits, so the bitwise-resume tests are unaffected.
-SUBPROCESS_XLA_CACHE = tempfile.mkdtemp(prefix="jaxclf-tests-xla-")
-atexit.register(shutil.rmtree, SUBPROCESS_XLA_CACHE, ignore_errors=True)
-
-
 def _env(devices: int = 1) -> dict:
-    """The environment of a JAX subprocess: CPU, `devices` simulated devices, the suite's XLA cache."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=SUBPROCESS_XLA_CACHE,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    """The environment of a JAX subprocess: CPU, `devices` simulated devices (and the suite's XLA cache, conftest)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
     return env
 
