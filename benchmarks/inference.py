@@ -14,6 +14,9 @@ PyTorch and the ONNX graph. For every (batch size x sequence length):
   would load the file. "openvino f32" pins INFERENCE_PRECISION_HINT=f32; "openvino default" is
   OpenVINO's own default precision (bf16 where the CPU has AVX512-BF16/AMX, else f32: the table says
   which it resolved to). "compile s" is their first call on that shape.
+- onnxruntime int8: the same graph after ONNX Runtime's dynamic quantization
+  (`onnxruntime.quantization.quantize_dynamic`, int8 weights, activations quantized per call): what a
+  CPU deployment tries next for speed. Its logit difference to jaxclf is quantization error, not a bug.
 - torch eager: `torch_ref.model.TransformerClassifier` under `torch.inference_mode()`.
 - torch.compile: the same module through `torch.compile` (default mode, default dynamic-shape
   policy); "compile s" is its first call on that shape (0-ish when a dynamic graph is reused).
@@ -63,7 +66,7 @@ from common import (RESULTS, add_model_args, int_list as _ints, interleaved, mar
 from server_process import (ServerProcess, create_random_model_dir, http_json, proc_status,  # noqa: E402
                             sample_texts)
 
-VARIANTS = ("jaxclf", "onnxruntime", "openvino f32", "openvino default", "torch eager", "torch.compile")
+VARIANTS = ("jaxclf", "onnxruntime", "onnxruntime int8", "openvino f32", "openvino default", "torch eager", "torch.compile")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime", "openvino")  # the `bench` extra: export and run the graph
 
 
@@ -189,6 +192,7 @@ def onnx_runners(args, onnx_path: Path) -> tuple[dict, dict]:
     """
     import onnxruntime
     import openvino
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -196,14 +200,22 @@ def onnx_runners(args, onnx_path: Path) -> tuple[dict, dict]:
     session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     info = {"onnxruntime": {"version": onnxruntime.__version__, "load_s": time.perf_counter() - t0}}
 
-    def ort_call(ids, mask):
+    int8_path = onnx_path.with_name(onnx_path.stem + "_int8.onnx")
+    t0 = time.perf_counter()
+    quantize_dynamic(str(onnx_path), str(int8_path), weight_type=QuantType.QInt8)
+    int8_session = onnxruntime.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    info["onnxruntime int8"] = {"version": onnxruntime.__version__, "load_s": time.perf_counter() - t0,
+                                "quantization": "quantize_dynamic, QInt8 weights"}
+
+    def ort_call(ids, mask, session=session):
         feed = {"input_ids": ids, "attention_mask": mask}
         return lambda: session.run(["logits"], feed)[0]
 
     core = openvino.Core()
     graph = core.read_model(str(onnx_path))
     capabilities = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    makers = {"onnxruntime": ort_call}
+    makers = {"onnxruntime": ort_call,
+              "onnxruntime int8": lambda ids, mask: ort_call(ids, mask, int8_session)}
     for name, precision in (("openvino f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("openvino default", {})):
         t0 = time.perf_counter()
         compiled = core.compile_model(graph, "CPU", {**precision, "INFERENCE_NUM_THREADS": args.threads})
