@@ -66,7 +66,8 @@ from common import (RESULTS, add_model_args, int_list as _ints, interleaved, mar
 from server_process import (ServerProcess, create_random_model_dir, http_json, proc_status,  # noqa: E402
                             sample_texts)
 
-VARIANTS = ("jaxclf", "onnxruntime", "onnxruntime int8", "openvino f32", "openvino default", "torch eager", "torch.compile")
+VARIANTS = ("jaxclf", "onnxruntime", "onnxruntime int8", "openvino f32", "openvino default", "torch eager",
+            "torch.compile")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime", "openvino")  # the `bench` extra: export and run the graph
 
 
