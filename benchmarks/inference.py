@@ -208,15 +208,16 @@ def onnx_runners(args, onnx_path: Path) -> tuple[dict, dict]:
     info["onnxruntime int8"] = {"version": onnxruntime.__version__, "load_s": time.perf_counter() - t0,
                                 "quantization": "quantize_dynamic, QInt8 weights"}
 
-    def ort_call(ids, mask, session=session):
-        feed = {"input_ids": ids, "attention_mask": mask}
-        return lambda: session.run(["logits"], feed)[0]
+    def ort_maker(session):
+        def ort_call(ids, mask):
+            feed = {"input_ids": ids, "attention_mask": mask}
+            return lambda: session.run(["logits"], feed)[0]
+        return ort_call
 
     core = openvino.Core()
     graph = core.read_model(str(onnx_path))
     capabilities = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    makers = {"onnxruntime": ort_call,
-              "onnxruntime int8": lambda ids, mask: ort_call(ids, mask, int8_session)}
+    makers = {"onnxruntime": ort_maker(session), "onnxruntime int8": ort_maker(int8_session)}
     for name, precision in (("openvino f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("openvino default", {})):
         t0 = time.perf_counter()
         compiled = core.compile_model(graph, "CPU", {**precision, "INFERENCE_NUM_THREADS": args.threads})
