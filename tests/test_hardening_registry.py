@@ -26,6 +26,7 @@ from typing import Any, Callable
 import pytest
 
 from jaxclf import hf, model_dir
+from jaxclf.hf.checkpoint import read_sentence_transformers
 from jaxclf.cli import registry as registry_cli
 from jaxclf.registry import Registry, RegistryError, UnsafeArchiveError, manifest_hash
 
@@ -517,7 +518,7 @@ def test_finding_14_sentence_transformers_module_paths_stay_inside_the_checkpoin
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
-    ok = hf.read_sentence_transformers(_sentence_transformers(tmp_path / "ok"))
+    ok = read_sentence_transformers(_sentence_transformers(tmp_path / "ok"))
     assert ok.transformer_dir.resolve() == (tmp_path / "ok").resolve() and ok.pooling == "mean"
     (tmp_path / "ok" / "link").symlink_to(outside)
     cases = {"pooling-up": ("pooling", "../elsewhere"), "absolute": ("pooling", str(outside)),
@@ -528,7 +529,7 @@ def test_finding_14_sentence_transformers_module_paths_stay_inside_the_checkpoin
         kwargs = {"transformer_path": path} if module == "transformer" else {"pooling_path": path}
         _sentence_transformers(root, **kwargs)
         with pytest.raises(hf.HFCheckpointError, match=r"modules\.json: .*path.* (is outside|must be)"):
-            hf.read_sentence_transformers(root)
+            read_sentence_transformers(root)
         with pytest.raises(hf.HFCheckpointError, match=r"modules\.json"):
             hf.import_hf(root, tmp_path / f"out-{case}", labels=["a", "b"])
         assert not (tmp_path / f"out-{case}").exists()

