@@ -69,14 +69,14 @@ def xla_cache() -> Path:
     return Path(SUITE_XLA_CACHE)
 
 
-# The sharding tests (tests/test_train.py, tests/test_multihost_env.py) compare device layouts on one small
-# job, test_train.MESH_JOB; the two layouts below are trained once per session and only read.
+# The sharding tests (tests/test_train_sharding.py, tests/test_multihost_env.py) compare device layouts on one
+# small job, training_runs.MESH_JOB; the two layouts below are trained once per session and only read.
 
 
 @pytest.fixture(scope="session")
 def one_device_run(tmp_path_factory) -> Path:
     """MESH_JOB on one device, batch 16: the reference every other layout must match."""
-    from test_train import MESH_JOB, run_train
+    from training_runs import MESH_JOB, run_train
 
     out = tmp_path_factory.mktemp("one_device") / "run"
     run_train(out, *MESH_JOB, "train.per_device_train_batch_size=16")
@@ -86,7 +86,7 @@ def one_device_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def eight_device_run(tmp_path_factory) -> Path:
     """MESH_JOB on eight simulated devices, a data 2 x fsdp 4 mesh, batch 2 per device (16 in all)."""
-    from test_train import MESH_JOB, run_train
+    from training_runs import MESH_JOB, run_train
 
     out = tmp_path_factory.mktemp("eight_devices") / "run"
     run_train(out, *MESH_JOB, "train.per_device_train_batch_size=2", "train.mesh_data=2", "train.mesh_fsdp=4",

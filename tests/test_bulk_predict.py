@@ -6,7 +6,6 @@ import csv
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,12 @@ from jaxclf.cli import run_command
 from jaxclf.cli.predict import main as predict_main
 from jaxclf.train.data import DataError
 
-from test_train import _env  # a JAX subprocess environment with the suite's XLA cache
+from training_runs import free_port, subprocess_env  # subprocess_env: JAX, with the suite's XLA cache
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small shards, windows and batches, so a few hundred rows make several of each (and partial ones).
 SMALL = BulkConfig(batch_size=16, sort_window=64, shard_rows=100, id_field="id")
 SMALL_FLAGS = ["--batch-size", "16", "--sort-window", "64", "--shard-rows", "100"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_jsonl(path: Path, texts: list[str], ids: list | None = None) -> Path:
@@ -258,7 +251,8 @@ def predict_cmd(model: Path, source: Path, out: Path, *extra: str) -> list[str]:
 
 
 def run_predict(cmd: list[str], devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(devices), capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, f"predict failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc
 
@@ -282,7 +276,7 @@ def test_sigkill_then_rerun_gives_every_row_once_as_uninterrupted(tiny_model_dir
 
     out = tmp_path / "out"
     kill_after = random.Random().randint(1, 30)  # committed shards before the kill: a random point
-    proc = subprocess.Popen(predict_cmd(tiny_model_dir, source, out, *flags), cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(predict_cmd(tiny_model_dir, source, out, *flags), cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while committed_shards(out) < kill_after and proc.poll() is None and time.monotonic() < deadline:
@@ -315,7 +309,8 @@ def test_two_processes_on_two_devices_each_equal_one_process(tiny_model_dir, cor
     port = free_port()
     procs = [subprocess.Popen(predict_cmd(tiny_model_dir, source, multi, *flags, "--coordinator",
                                           f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)),
-                              cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
              for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)

@@ -3,7 +3,7 @@
 Under SLURM, Open MPI, a Cloud TPU pod or a GKE TPU job, JAX's own cluster detection finds the
 coordinator, the process count and this process's index; jaxclf adds no cluster code of its own. The
 slow test runs a 2-process job on 127.0.0.1 whose processes get only what SLURM's `srun` sets (no
---coordinator flags) and checks it against the 1-process run, as tests/test_train.py's flag-based
+--coordinator flags) and checks it against the 1-process run, as tests/test_train_sharding.py's flag-based
 2-process test does; the fast ones pin down the decision (plain machine: one process, no coordinator).
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 from jaxclf.config import ConfigError
 from jaxclf.train import sharding
-from test_train import MESH_JOB, ROOT, SCRIPT, TINY, _env, assert_runs_match  # the flag-based test's helpers
+from training_runs import MESH_JOB, ROOT, SCRIPT, TINY, assert_runs_match, subprocess_env
 
 # Variables that make one of JAX's cluster detectors match; cleared so the machine looks plain.
 CLUSTER_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
@@ -91,7 +91,7 @@ def test_incomplete_or_malformed_settings_are_one_named_error(call, environment,
     # A fresh interpreter: jax.distributed.initialize refuses to run once this one has used a backend.
     code = ("from jaxclf.train.sharding import initialize_distributed\n"
             f"initialize_distributed({call})\n")
-    env = {k: v for k, v in _env().items() if k not in CLUSTER_VARIABLES} | environment
+    env = {k: v for k, v in subprocess_env().items() if k not in CLUSTER_VARIABLES} | environment
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
@@ -104,7 +104,7 @@ def test_incomplete_or_malformed_settings_are_one_named_error(call, environment,
 def test_two_processes_from_slurm_variables_alone_match_one_process(tmp_path, one_device_run):
     multi = tmp_path / "multi"
     job_id = slurm_job_id_with_free_port()
-    base_env = {k: v for k, v in _env().items() if k not in CLUSTER_VARIABLES}
+    base_env = {k: v for k, v in subprocess_env().items() if k not in CLUSTER_VARIABLES}
     procs = [subprocess.Popen(
         [sys.executable, str(SCRIPT), *TINY, "--output", str(multi), *MESH_JOB, "train.per_device_train_batch_size=8"],
         cwd=ROOT, env=base_env | slurm_step_environment(job_id, process=i, processes=2),

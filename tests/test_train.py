@@ -1,16 +1,13 @@
-"""Training: configs, the loop's guarantees (resume, preemption, sharding, multi-host, mixed precision), exports.
+"""Training: configs, the default command and its export, long texts, mixed precision, micro-batches, retention.
 
-The heavier tests run scripts/train.py in subprocesses, because the number of (simulated)
-devices is fixed when JAX starts and because a kill must hit a real process.
+Preemption and resumption are in test_train_preemption.py, device layouts and multi-process runs in
+test_train_sharding.py; training_runs.py runs scripts/train.py in a subprocess for all three.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +16,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import safetensors.numpy
 
 import jaxclf
 from jaxclf.config import ConfigError, ModelConfig, TrainingConfig
@@ -28,57 +24,7 @@ from jaxclf.metrics import classification_report
 from jaxclf.train.presets import apply_overrides, get_preset
 from jaxclf.train.loop import train
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "train.py"
-SAMPLE = ROOT / "data" / "sample_texts.csv"
-
-# A small, fast run: ~25k parameters, 30 steps, checkpoints every 5 steps.
-TINY = ["--config", "tiny", "--train", str(SAMPLE), "train.max_steps=30", "train.save_steps=5",
-        "train.eval_steps=10", "train.logging_steps=1", "train.async_checkpointing=false"]
-
-
-def _env(devices: int = 1) -> dict:
-    """The environment of a JAX subprocess: CPU, `devices` simulated devices (and the suite's XLA cache, conftest)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
-    return env
-
-
-def run_train(out: Path, *args: str, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--output", str(out), *args], cwd=ROOT,
-                          env=_env(devices), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    return proc
-
-
-def weights_of(model_dir: Path) -> dict[str, np.ndarray]:
-    return safetensors.numpy.load_file(str(model_dir / "model.safetensors"))
-
-
-def train_losses(out: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not np.array_equal(a[k], b[k])]
-    worst = max((float(np.abs(a[k] - b[k]).max()) for k in different), default=0.0)
-    assert not different, f"{len(different)} tensors differ (max abs diff {worst:g}), e.g. {different[:3]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-    """An uninterrupted tiny run on one device: the baseline the interrupted runs must reproduce."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    run_train(out)
-    return out
+from training_runs import ROOT, SAMPLE, SCRIPT, TINY, run_train, subprocess_env, train_losses, weights_of
 
 
 # ----------------------------------------------------------------------------- configs
@@ -208,7 +154,7 @@ def test_unknown_eval_label_is_named(tmp_path):
     ev = tmp_path / "eval.csv"
     ev.write_text("text,label\nsome words here,positive\nmore words,furious\n", encoding="utf-8")
     proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--eval", str(ev), "--output", str(tmp_path / "r")],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "furious" in proc.stderr and "eval.csv" in proc.stderr and "line 3" in proc.stderr
     assert not (tmp_path / "r").exists()
@@ -233,8 +179,8 @@ def test_default_command_trains_on_sample_data_and_both_frameworks_load_the_expo
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "sample_texts.csv").write_bytes(SAMPLE.read_bytes())
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", REPORT_TORCH_AT_EXIT, str(SCRIPT)], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", REPORT_TORCH_AT_EXIT, str(SCRIPT)], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "torch modules: []" in proc.stderr, "training imported torch: " + proc.stderr[-300:]
@@ -258,139 +204,6 @@ def test_default_command_trains_on_sample_data_and_both_frameworks_load_the_expo
     torch_logits = torch_ref.load(out / "model").logits(texts)
     err = float(np.abs(jax_logits - torch_logits).max())
     assert err < 1e-5, f"JAX vs torch_ref logits differ by {err:g}"
-
-
-# ----------------------------------------------------------------------------- resumption
-
-
-def start_training_until(out: Path, ready, timeout: float = 120) -> subprocess.Popen:
-    """Start the TINY run in the background and return once `ready()` holds (or the run ended)."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--output", str(out)], cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready():
-        time.sleep(0.02)
-    return proc
-
-
-@pytest.mark.slow
-def test_sigkill_at_a_random_point_then_rerun_gives_bitwise_identical_weights(tmp_path, reference_run):
-    out = tmp_path / "run"
-    ckpts = out / "checkpoints"
-    proc = start_training_until(out, lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()))
-    delay = random.Random().uniform(0.0, 0.6)
-    time.sleep(delay)
-    killed = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert killed, f"the run finished before it could be killed: {proc.stderr.read()[-2000:]}"
-    assert not (out / "model").exists()
-    run_train(out)  # the same command again: resumes from the latest complete checkpoint
-    assert_bitwise_equal(weights_of(out / "model"), weights_of(reference_run / "model"))
-
-
-@pytest.mark.slow
-def test_sigterm_checkpoints_exits_cleanly_and_resumes(tmp_path, reference_run):
-    out = tmp_path / "run"
-    log = out / "metrics.jsonl"
-    proc = start_training_until(out, lambda: log.exists() and len(log.read_text().splitlines()) >= 4)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "preempted at step" in stderr
-    from jaxclf.train.checkpoint import Checkpointer
-    saved = Checkpointer(out / "checkpoints", async_save=False).latest_step()
-    assert saved is not None and 0 < saved < 30, f"expected a mid-run checkpoint, got {saved}"
-    assert not (out / "model").exists()
-    run_train(out)
-    assert_bitwise_equal(weights_of(out / "model"), weights_of(reference_run / "model"))
-
-
-# ----------------------------------------------------------------------------- sharding
-
-
-# One small job (6 steps, an eval at step 6, checkpoints at 3 and 6) that the sharding tests run on
-# several device layouts; conftest's one_device_run and eight_device_run hold its two common layouts.
-MESH_JOB = ("train.max_steps=6", "train.eval_split=0.2", "train.eval_steps=6", "train.save_steps=3")
-
-
-def assert_runs_match(a: Path, b: Path) -> None:
-    """Per-step losses and final weights of two runs of one job agree to 1e-5."""
-    la, lb = train_losses(a), train_losses(b)
-    assert la.keys() == lb.keys() and len(la) >= 5
-    worst = max(abs(la[s] - lb[s]) for s in la)
-    assert worst < 1e-5, f"per-step losses differ by up to {worst:g}: {la} vs {lb}"
-    wa, wb = weights_of(a / "model"), weights_of(b / "model")
-    worst_w = max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
-    assert worst_w < 1e-5, f"final weights differ by {worst_w:g}"
-
-
-@pytest.mark.slow
-def test_eight_devices_data_x_fsdp_match_one_device(one_device_run, eight_device_run):
-    assert_runs_match(one_device_run, eight_device_run)
-
-
-@pytest.mark.slow
-def test_eight_devices_in_two_micro_batches_match_one_device_in_two(tmp_path):
-    # Against its own one-device run: each micro-batch draws its own dropout masks.
-    one, eight = tmp_path / "one", tmp_path / "eight"
-    run_train(one, *MESH_JOB, "train.per_device_train_batch_size=16", "train.micro_batches=2")
-    run_train(eight, *MESH_JOB, "train.per_device_train_batch_size=2", "train.mesh_data=2", "train.mesh_fsdp=4",
-              "train.micro_batches=2", devices=8)
-    assert_runs_match(one, eight)
-
-
-RESTORE_CHECK = """
-import sys, numpy as np, jax, safetensors.numpy
-from jaxclf import weights
-from jaxclf.train import sharding
-from jaxclf.train.loop import restore_checkpoint
-out, fsdp = sys.argv[1], int(sys.argv[2])
-mesh = sharding.make_mesh(data=-1, fsdp=fsdp)
-state, meta = restore_checkpoint(out, mesh=mesh)
-assert jax.device_count() == mesh.size
-from flax import nnx
-from jaxclf.model import create_model
-from jaxclf.config import ModelConfig
-model = create_model(ModelConfig.from_dict(meta["model_config"]))
-nnx.update(model, jax.tree.map(np.asarray, state["params"]))
-restored = weights.to_torch_state(model)
-exported = safetensors.numpy.load_file(out + "/model/model.safetensors")
-bad = [k for k in exported if not np.array_equal(exported[k], restored[k])]
-shardings = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}
-print("devices", jax.device_count(), "specs", sorted(shardings))
-assert not bad, bad
-"""
-
-
-@pytest.mark.slow
-def test_checkpoint_restores_across_meshes(one_device_run, eight_device_run):
-    """Saved on 8 devices (data 2 x fsdp 4) -> restored on 1; saved on 1 -> restored on 4 (fsdp 4)."""
-    for out, devices, fsdp in ((eight_device_run, 1, 1), (one_device_run, 4, 4)):
-        proc = subprocess.run([sys.executable, "-c", RESTORE_CHECK, str(out), str(fsdp)], cwd=ROOT,
-                              env=_env(devices), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"devices {devices}" in proc.stdout
-        if fsdp > 1:
-            assert "fsdp" in proc.stdout, "restored params were not sharded over the new mesh"
-
-
-@pytest.mark.slow
-def test_two_processes_with_jax_distributed_match_one_process(tmp_path, one_device_run):
-    multi = tmp_path / "multi"
-    port = free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, str(SCRIPT), *TINY, "--output", str(multi), *MESH_JOB,
-         "train.per_device_train_batch_size=8", "--coordinator", f"127.0.0.1:{port}",
-         "--num-processes", "2", "--process-id", str(i)],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    assert_runs_match(one_device_run, multi)
-    ma = json.loads((one_device_run / "model" / "metrics.json").read_text())["eval"]
-    mb = json.loads((multi / "model" / "metrics.json").read_text())["eval"]
-    assert ma["confusion_matrix"] == mb["confusion_matrix"]
 
 
 # ----------------------------------------------------------------------------- mixed precision
