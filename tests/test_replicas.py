@@ -7,8 +7,9 @@ retry rules of deploy/nginx/jaxclf-proxy.conf (passive health checks: max_fails/
 `proxy_next_upstream ... non_idempotent` so a POST /predict that a dead replica dropped is retried on
 another). Under a steady client load that never retries by itself, the tests show:
 
-  (a) SIGKILL of a replica loses no request, and (d) the restarted replica is ready in < 5 s from the
-      shared compilation cache, then takes traffic again;
+  (a) SIGKILL of a replica loses no request, and (d) the restarted replica compiles nothing (every program
+      comes from the shared compilation cache, which is what makes it ready in seconds; benchmarks/replicas.py
+      times it), then takes traffic again;
   (b) a SIGTERM'd replica drains (finishes what it received, exits 0) with no failed request;
   (c) `registry promote` then POST /admin/reload to each replica switches every replica to the new
       version with no failed request;
@@ -39,7 +40,6 @@ pytestmark = [pytest.mark.slow,
                                                              f"apt-get install nginx (.ci/run does)")]
 
 STEADY = dict(threads=3, rate=25)  # requests/s per client thread: a steady load that leaves the CPUs room
-RESTART_BUDGET_S = 5.0
 
 
 class Fleet:
@@ -90,6 +90,16 @@ def replica_of(answer, replica: Replica) -> bool:
     return answer.upstream.split(", ")[-1] == f"127.0.0.1:{replica.fixed_port}"
 
 
+def compilation_cache_lookups(replica: Replica) -> dict[str, float]:
+    """The replica's persistent-cache lookups since it started, by result: hit (loaded) or miss (compiled)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = http_json(replica.port, "GET", "/metrics")
+    assert status == 200, text
+    return {s.labels["result"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "jaxclf_compilation_cache_lookups_total"}
+
+
 def report(what: str, load: Load, balancer: Balancer, retried_before: int, **figures) -> None:
     extra = "".join(f", {k} {v}" for k, v in figures.items())
     print(f"\n{what}: {len(load.answers)} requests, {len(load.failures())} failed, "
@@ -104,7 +114,7 @@ def test_replicas_read_the_registry_through_a_read_only_mount(fleet):
     assert fleet.versions() == [f"{MODEL_NAME}@v1"] * 3  # and serve from it
 
 
-def test_sigkill_loses_no_request_and_the_restarted_replica_is_ready_fast(fleet, texts):
+def test_sigkill_loses_no_request_and_the_restarted_replica_compiles_nothing(fleet, texts):
     victim = fleet.replicas[0]
     retried_before = fleet.balancer.retried()
     with Load(fleet.balancer.port, texts, **STEADY) as load:
@@ -126,8 +136,12 @@ def test_sigkill_loses_no_request_and_the_restarted_replica_is_ready_fast(fleet,
     assert not failures, failures[:5]
     between = [a for a in load.snapshot() if killed_at + 0.5 < a.sent < restarted_at]
     assert between and not any(replica_of(a, victim) for a in between), "nginx kept answering from a dead replica"
-    assert ready_s < RESTART_BUDGET_S, (f"restart to /ready took {ready_s:.2f}s from the shared compilation cache; "
-                                        f"log:\n{restarted.log_tail()}")
+    # Ready fast because nothing is compiled: every program comes from the cache the other replicas filled. The
+    # restart-to-ready time is measured by benchmarks/replicas.py on a quiet machine, not asserted here.
+    lookups = compilation_cache_lookups(restarted)
+    assert lookups.get("miss", 0) == 0 and lookups.get("hit", 0) > 0, (
+        f"the restarted replica compiled instead of loading from the shared cache: {lookups}; "
+        f"log:\n{restarted.log_tail()}")
 
 
 def test_sigterm_drains_with_no_failed_request(fleet, texts):
