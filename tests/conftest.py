@@ -18,8 +18,12 @@ SAMPLE_CSV = REPO / "data" / "sample_texts.csv"
 # examples), through the environment they inherit: most run the same tiny programs, and a tiny training run
 # takes 9 s with them cached against 16-20 s compiling. Compiled or loaded, an executable computes the same
 # bits, so the bitwise-resume tests are unaffected. A server given --compilation-cache-dir uses that instead.
-SUITE_XLA_CACHE = tempfile.mkdtemp(prefix="jaxclf-tests-xla-")
-atexit.register(shutil.rmtree, SUITE_XLA_CACHE, ignore_errors=True)
+# pytest-xdist's controller imports this module before it starts the workers, which inherit the variable and so
+# share the one cache; only the process that made it removes it.
+SUITE_XLA_CACHE = os.environ.get("JAXCLF_SUITE_XLA_CACHE", "")
+if not SUITE_XLA_CACHE:
+    SUITE_XLA_CACHE = os.environ["JAXCLF_SUITE_XLA_CACHE"] = tempfile.mkdtemp(prefix="jaxclf-tests-xla-")
+    atexit.register(shutil.rmtree, SUITE_XLA_CACHE, ignore_errors=True)
 os.environ.update(JAX_COMPILATION_CACHE_DIR=SUITE_XLA_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
