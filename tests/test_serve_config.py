@@ -100,8 +100,9 @@ def test_default_buckets_are_few_for_memory_and_cover_every_size():
     """12 executables for the default 32 texts x 128 tokens (36 held ~605 MiB resident; see serve.planning)."""
     from jaxclf.serve.planning import default_batch_buckets, default_length_buckets, model_length_buckets
 
-    assert default_batch_buckets(32) == (1, 8, 32) and default_batch_buckets(1) == (1,)
-    assert default_batch_buckets(128) == (1, 8, 64, 128)
+    assert default_batch_buckets(32) == (1, 4, 32) and default_batch_buckets(1) == (1,)
+    assert default_batch_buckets(2) == (1, 2) and default_batch_buckets(8) == (1, 4, 8)
+    assert default_batch_buckets(128) == (1, 4, 32, 128)
     assert default_length_buckets(128) == model_length_buckets(None, 128) == (32, 48, 64, 128)
     assert default_length_buckets(512) == (32, 48, 64, 128, 256, 512)
     assert default_length_buckets(40) == (32, 40) and default_length_buckets(16) == (16,)

@@ -66,7 +66,7 @@ class EngineConfig:
                 "wrote, --onnx-file; CPU hosts, needs jaxclf[onnx])", "choices": BACKENDS})
     onnx_file: str | None = None  # the exported graph backend=onnxruntime runs; none: MODEL_DIR/model.onnx
     max_batch_size: int = 32  # most texts in one compiled call; the largest batch bucket must equal it
-    batch_buckets: tuple[int, ...] | None = None  # batch sizes to compile; none: 1, powers of 8, max_batch_size
+    batch_buckets: tuple[int, ...] | None = None  # batch sizes to compile; none: 1, 4, 32, ..., max_batch_size
     length_buckets: tuple[int, ...] | None = None  # sequence lengths to compile; none: 32, 48, 64, powers of 2 to max
     max_wait_ms: float = 0.0  # longest wait for a batch to fill; 0 runs what queued during the previous call
     max_queue_size: int = 256  # texts waiting before a submission is refused (HTTP 503 queue_full)

@@ -23,17 +23,21 @@ CALL_OVERHEAD_SLOTS = 128
 # Every compiled bucket costs resident memory: measured with `jaxclf serve` defaults on the benchmark
 # model (4 layers, d256, max length 128), ~10 MiB per executable loaded from the persistent cache and
 # run once (the engine's warm-up). 36 buckets (batch powers of two x lengths 16-128 with midpoints)
-# held 601 MiB after /ready and 654 MiB after the benchmark's load; the 12 below hold 401 MiB after
-# /ready and 455 MiB after 10,000 requests (benchmarks/serving.py has the breakdown). Batch 4 added
-# (16 buckets) serves concurrent /predict traffic better but held 499 MiB after 10,000 requests.
+# held 583 MiB after /ready; the 12 below hold 400 MiB after /ready and 462 after 10,000 requests
+# (benchmarks/results/serving.md, with the breakdown). Batch 4 rather than 8: concurrent /predict traffic
+# forms calls of 2-4 texts (1.8-3.9 texts per call at 8-64 clients), which batch 8 padded. In the same
+# interleaved run, batches (1, 4, 32) served 1.11x, 1.12x, 0.99x, 1.09x the /predict requests/s of
+# (1, 8, 32) at 1, 8, 32, 64 clients (0.98x, 0.92x, 0.93x, 1.03x of the 36 buckets) and 0.99-1.05x its
+# /predict/batch predictions/s. The price: a call of 5-8 texts runs as two of 4 (~1.3x the padded work
+# of one of 8). Adding 4 to (1, 8, 32) served better still but held 499 MiB after 10,000 requests.
 # The memory is XLA:CPU's, not ours (heaptrack, 36 buckets, compiled without the cache): each executable
 # keeps its optimised HLO module with the dataflow and alias analyses and the buffer assignment built to
 # compile it, ~5.8 MiB, and its first run adds ~2.7 MiB (the YNNPACK runtimes of its dot fusions).
 # Freed only with the executable: jax.clear_caches() and dropping JAX's lowering free nothing, and the
 # XLA flags tried (codegen split count 1, fusion emitters off, XNNPACK off) changed it by under 0.3 MiB.
 def default_batch_buckets(max_batch_size: int) -> tuple[int, ...]:
-    """1, then powers of 8, then max_batch_size (always the last): (1, 8, 32) for the default 32."""
-    buckets, n = {max_batch_size}, 1
+    """1, then 4 times powers of 8 (4, 32, 256, ...), then max_batch_size (always the last): (1, 4, 32) for 32."""
+    buckets, n = {1, max_batch_size}, 4
     while n < max_batch_size:
         buckets.add(n)
         n *= 8
