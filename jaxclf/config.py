@@ -181,19 +181,23 @@ class ModelConfig:
                               f"known fields: {', '.join(sorted(known))}")
         kwargs = dict(data)
         id2label = kwargs.get("id2label", ())
-        if isinstance(id2label, Mapping):
-            try:
-                ids = sorted(int(k) for k in id2label)
-            except ValueError as e:
-                raise ConfigError(f"id2label keys must be integers, got {list(id2label)}") from e
-            if ids != list(range(len(ids))):
-                raise ConfigError(f"id2label keys must be 0..N-1, got {ids}")
-            id2label = tuple(id2label[str(i)] if str(i) in id2label else id2label[i] for i in ids)
-        kwargs["id2label"] = tuple(id2label)
+        kwargs["id2label"] = labels_in_id_order(id2label) if isinstance(id2label, Mapping) else tuple(id2label)
         return cls(**kwargs)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def labels_in_id_order(id2label: Mapping[Any, Any]) -> tuple:
+    """The values of an {id: label} mapping (keys ints or their strings, as JSON has them) in id order 0..N-1."""
+    try:
+        by_id = {int(k): v for k, v in id2label.items()}
+    except ValueError as e:
+        raise ConfigError(f"id2label keys must be integers, got {list(id2label)}") from e
+    ids = sorted(by_id)
+    if len(by_id) != len(id2label) or ids != list(range(len(ids))):
+        raise ConfigError(f"id2label keys must be 0..N-1, got {sorted(int(k) for k in id2label)}")
+    return tuple(by_id[i] for i in ids)
 
 
 def _is_int(value: Any) -> bool:

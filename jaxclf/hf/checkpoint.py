@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 from safetensors import safe_open
 
+from jaxclf.config import ConfigError, labels_in_id_order
 from jaxclf.errors import JaxclfError
 
 
@@ -69,13 +70,14 @@ def resolve_hf_dir(name_or_path: str | os.PathLike) -> Path:
                             f"({', '.join(KNOWN_CHECKPOINTS)})")
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, expected: type = dict, what: str = "a JSON object") -> Any:
+    """The JSON value in `path`, refused by name unless it is an `expected` (a dict by default)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise HFCheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise HFCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if not isinstance(data, expected):
+        raise HFCheckpointError(f"{path}: expected {what}, got {type(data).__name__}")
     return data
 
 
@@ -115,12 +117,7 @@ def read_sentence_transformers(root: Path) -> SentenceTransformersLayout | None:
     modules_file = root / "modules.json"
     if not modules_file.is_file():
         return None
-    try:
-        modules = json.loads(modules_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise HFCheckpointError(f"{modules_file}: not valid JSON ({e})") from e
-    if not isinstance(modules, list):
-        raise HFCheckpointError(f"{modules_file}: expected a list of modules")
+    modules = read_json(modules_file, list, "a list of modules")
     by_type: dict[str, Path] = {}
     for module in modules:
         kind = module.get("type", "") if isinstance(module, dict) else ""
@@ -201,15 +198,10 @@ def checkpoint_labels(hf: Mapping[str, Any], source: str) -> tuple[str, ...]:
     if problem not in (None, "single_label_classification"):
         raise HFCheckpointError(f"{source}: problem_type {problem!r} is not supported; jaxclf trains "
                                 f"single-label (softmax) classifiers")
-    id2label = hf.get("id2label") or {}
     try:
-        ids = sorted(int(k) for k in id2label)
-    except ValueError as e:
-        raise HFCheckpointError(f"{source}: id2label keys must be integers, got {list(id2label)}") from e
-    if ids != list(range(len(ids))):
-        raise HFCheckpointError(f"{source}: id2label keys must be 0..N-1, got {ids}")
-    lookup = {int(k): v for k, v in id2label.items()}
-    return tuple(str(lookup[i]) for i in ids)
+        return tuple(str(label) for label in labels_in_id_order(hf.get("id2label") or {}))
+    except ConfigError as e:
+        raise HFCheckpointError(f"{source}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- weights
