@@ -115,14 +115,18 @@ class TextClassifier:
         return load(path)
 
 
-def load(path: str | os.PathLike, with_weights: bool = True) -> TextClassifier:
+def load(path: str | os.PathLike, with_weights: bool = True, dtype: str | None = None) -> TextClassifier:
     """Load a model directory (config.json, model.safetensors, tokenizer.json, metrics.json).
 
     with_weights=False leaves the parameters as shapes (jax.ShapeDtypeStruct): the tokenizer, config
     and metrics of a model another runtime computes (the engine's ONNX Runtime backend).
+    dtype: run the model in this compute dtype, its weights held in it too (`"bfloat16"` for CPUs with
+    AMX or AVX512-BF16, see README "Reduced precision"); none keeps config.json's.
     """
     check_weight_shapes(path)
     config, tensors, tok, metrics = model_dir.read(path)
+    if dtype is not None:
+        config = config.replace(dtype=dtype, param_dtype=dtype)
     model = create_model(config, seed=0, init_params=False)
     if with_weights:
         weights.load_torch_state(model, tensors, source=str(Path(path) / model_dir.WEIGHTS_FILE))

@@ -73,6 +73,8 @@ def test_bad_flag_values_are_argparse_errors():
     (lambda: EngineConfig(backend="tensorrt"), "backend must be one of jax, onnxruntime, got 'tensorrt'"),
     (lambda: EngineConfig(onnx_file="m.onnx"), "onnx_file='m.onnx' is read only by backend='onnxruntime'"),
     (lambda: EngineConfig(backend="onnxruntime", device="tpu"), "backend='onnxruntime' runs on the CPU"),
+    (lambda: EngineConfig(dtype="int8"), "dtype must be one of float32, bfloat16, float16 (or unset"),
+    (lambda: EngineConfig(backend="onnxruntime", dtype="bfloat16"), "dtype='bfloat16' is for backend='jax'"),
     (lambda: ServeConfig(port=70000), "port must be at most 65535"),
     (lambda: ServeConfig(rate_limit=-1.0), "rate_limit must be a number > 0"),
     (lambda: ServeConfig(cors_origins="http://a"), "cors_origins must be a list of origins"),

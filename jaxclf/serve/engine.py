@@ -123,7 +123,8 @@ class InferenceEngine:
         ensure_compile_listener()
         self._use_compilation_cache(self.engine_config.compilation_cache_dir)
         with jax.default_device(self.device):  # the ONNX Runtime backend computes without JAX weights
-            self.classifier = load(self.model_path, with_weights=self.engine_config.backend == "jax")
+            self.classifier = load(self.model_path, with_weights=self.engine_config.backend == "jax",
+                                   dtype=self.engine_config.dtype)
         self.config = self.classifier.config  # the ModelConfig
         self.labels = self.classifier.labels
         self.tokenizer = self.classifier.tokenizer
@@ -154,8 +155,8 @@ class InferenceEngine:
         self.startup_seconds = time.perf_counter() - started
         self._batcher = Batcher(self._run_queued, self.max_batch_size, self.max_wait_s, self.max_queue_size,
                                 self.request_timeout_s, self.engine_config.batch_workers if self.batching else 0)
-        logger.info("model %s (version %s) ready on %s (%s backend) in %.2fs: %d buckets, batch buckets %s, "
-                    "length buckets %s", self.model_path, self.version, self.device, self.backend,
+        logger.info("model %s (version %s) ready on %s (%s backend, %s) in %.2fs: %d buckets, batch buckets %s, "
+                    "length buckets %s", self.model_path, self.version, self.device, self.backend, self.config.dtype,
                     self.startup_seconds, len(self._buckets), list(self.batch_buckets), list(self.length_buckets))
 
     # Knobs read back by the service and its /model/info.
@@ -241,7 +242,7 @@ class InferenceEngine:
         status = "closed" if self._batcher.closing else "degraded" if problems else "ok"
         return {"status": status, "problems": problems, "model_path": str(self.model_path),
                 "model_version": self.version, "device": str(self.device), "platform": self.device.platform,
-                "labels": list(self.labels), "backend": self.backend,
+                "labels": list(self.labels), "backend": self.backend, "dtype": self.config.dtype,
                 "compiled_buckets": [list(key) for key in self._buckets],
                 "startup_seconds": round(self.startup_seconds, 3), "batching": self.batching,
                 "batch_workers_alive": workers, "cache_entries": len(self.cache),

@@ -147,7 +147,8 @@ def model_info(service: Service) -> Response:
                "batch_buckets": list(engine.batch_buckets), "length_buckets": list(engine.length_buckets),
                "cache_size": engine.cache.capacity, "cache_max_bytes": engine.cache.max_bytes,
                "request_timeout_s": engine.request_timeout_s,
-               "device": str(engine.device), "backend": engine.backend, "compilations": engine.compilations,
+               "device": str(engine.device), "backend": engine.backend, "dtype": engine.config.dtype,
+               "compilations": engine.compilations,
                "startup_seconds": engine.startup_seconds, "max_texts": service.max_texts,
                "max_chars": service.max_chars, "max_body_bytes": service.max_body_bytes}
     return json_response({"model_version": engine.version, "labels": engine.labels,
