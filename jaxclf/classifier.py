@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from jaxclf import model_dir, tokenizer as tokenization, weights
 from jaxclf.calibration import softmax  # noqa: F401 (float64 probabilities; re-exported for callers)
 from jaxclf.config import ModelConfig
-from jaxclf.model import TransformerClassifier, create_model
+from jaxclf.model import TransformerClassifier, create_model, in_row_chunks
 from jaxclf.tokenizer import bucket_for, length_buckets
 
 
@@ -55,7 +55,7 @@ class TextClassifier:
 
             @jax.jit
             def forward(state, input_ids, attention_mask):
-                return nnx.merge(graphdef, state)(input_ids, attention_mask)
+                return in_row_chunks(nnx.merge(graphdef, state), input_ids, attention_mask)
 
             self._state = state
             self._forward = forward

@@ -335,6 +335,28 @@ class TransformerClassifier(nnx.Module):
         return load(path).model
 
 
+# Inference runs a large batch as consecutive chunks of at most this many tokens (rows x length): their
+# activations stay in cache. Measured on 2 cores (Xeon, AMX), forward ms, whole batch vs chunks:
+#   32 x 128: float32 181 vs 151 (2 x 16 rows), bf16 77 vs 55;  64 x 128: float32 425 vs 282 (4 x 16),
+#   bf16 220 vs 109;  but 64 x 32 (2,048 tokens): float32 62 whole vs 66 in 2 x 32, bf16 24 vs 26.
+ROW_CHUNK_TOKENS = 2048
+
+
+def in_row_chunks(forward, input_ids: Array, attention_mask: Array, max_tokens: int = ROW_CHUNK_TOKENS) -> Array:
+    """forward(input_ids, attention_mask) -> (B, ...) run over row chunks of at most `max_tokens` tokens.
+
+    One program either way (a jax.lax.map loop over equal chunks; the rows of a batch are
+    independent in eval mode, so the result is the same). Needs static shapes: call it under jit.
+    """
+    b, t = input_ids.shape
+    rows = max([r for r in range(1, b + 1) if b % r == 0 and r * t <= max_tokens], default=1)
+    if rows == b:
+        return forward(input_ids, attention_mask)
+    chunks = (input_ids.reshape(b // rows, rows, t), attention_mask.reshape(b // rows, rows, t))
+    out = jax.lax.map(lambda chunk: forward(*chunk), chunks)
+    return out.reshape(b, *out.shape[2:])
+
+
 def create_model(config: ModelConfig, seed: int = 0, *, init_params: bool = True) -> TransformerClassifier:
     """A freshly initialised model; `params` and `dropout` RNG streams both derive from `seed`.
 

@@ -446,3 +446,26 @@ def test_load_skips_the_random_initialisation_and_gives_the_eagerly_initialised_
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     texts = ["a lovely little cafe", "awful"]
     np.testing.assert_array_equal(loaded.logits(texts), jaxclf.TextClassifier(expected, loaded.tokenizer).logits(texts))
+
+
+def test_large_batches_run_in_row_chunks_with_the_same_logits(tiny_model_dir):
+    """A batch over ROW_CHUNK_TOKENS tokens runs as a loop over row chunks (its activations stay in cache)."""
+    from jaxclf.model import in_row_chunks
+
+    clf = jaxclf.load(tiny_model_dir)
+    model = clf.model
+    model.eval()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, clf.config.vocab_size, size=(6, 20), dtype=np.int32)
+    mask = (np.arange(20)[None, :] < rng.integers(1, 21, size=(6, 1))).astype(np.int32)  # mixed lengths
+
+    def run(max_tokens):
+        fn = jax.jit(lambda i, m: in_row_chunks(model, i, m, max_tokens=max_tokens))
+        return np.asarray(fn(ids, mask)), str(jax.make_jaxpr(fn)(ids, mask))
+
+    whole, whole_program = run(120)  # 6 x 20 tokens fit: one call, no loop
+    chunked, chunked_program = run(50)  # the largest divisor of 6 rows with rows x 20 <= 50: 2 rows, 3 chunks
+    assert "scan" not in whole_program
+    assert "scan" in chunked_program and "i32[3,2,20]" in chunked_program
+    np.testing.assert_allclose(chunked, whole, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(whole, np.asarray(model(ids, mask)), atol=1e-6, rtol=0)

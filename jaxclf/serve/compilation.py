@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
+
+from jaxclf.model import in_row_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +139,8 @@ def compile_buckets(model: nnx.Module, device: jax.Device, batch_buckets: Sequen
     weights = jax.device_put(leaves, device)
     placed = SingleDeviceSharding(device)
     weight_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed) for x in leaves]
-    program = _forward_program(graphdef, treedef, weight_specs, max(length_buckets))
+    exported = _forward_program(graphdef, treedef, weight_specs, max(length_buckets))
+    program = jax.jit(lambda w, ids, mask: in_row_chunks(functools.partial(exported, w), ids, mask))
 
     def compile_one(lowered):
         executable = lowered.compile()
