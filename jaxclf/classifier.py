@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from jaxclf import model_dir, tokenizer as tokenization, weights
 from jaxclf.calibration import softmax  # noqa: F401 (float64 probabilities; re-exported for callers)
 from jaxclf.config import ModelConfig
-from jaxclf.model import TransformerClassifier, create_model, in_row_chunks
+from jaxclf.model import TransformerClassifier, create_model, in_row_chunks, row_chunk_tokens
 from jaxclf.tokenizer import bucket_for, length_buckets
 
 
@@ -55,7 +55,8 @@ class TextClassifier:
 
             @jax.jit
             def forward(state, input_ids, attention_mask):
-                return in_row_chunks(nnx.merge(graphdef, state), input_ids, attention_mask)
+                return in_row_chunks(nnx.merge(graphdef, state), input_ids, attention_mask,
+                                     row_chunk_tokens(jax.default_backend()))
 
             self._state = state
             self._forward = forward

@@ -335,20 +335,28 @@ class TransformerClassifier(nnx.Module):
         return load(path).model
 
 
-# Inference runs a large batch as consecutive chunks of at most this many tokens (rows x length): their
-# activations stay in cache. Measured on 2 cores (Xeon, AMX), forward ms, whole batch vs chunks:
+# On a CPU, inference runs a large batch as consecutive chunks of at most this many tokens (rows x length):
+# their activations stay in cache. Measured on 2 cores (Xeon, AMX), forward ms, whole batch vs chunks:
 #   32 x 128: float32 181 vs 151 (2 x 16 rows), bf16 77 vs 55;  64 x 128: float32 425 vs 282 (4 x 16),
 #   bf16 220 vs 109;  but 64 x 32 (2,048 tokens): float32 62 whole vs 66 in 2 x 32, bf16 24 vs 26.
 ROW_CHUNK_TOKENS = 2048
 
 
-def in_row_chunks(forward, input_ids: Array, attention_mask: Array, max_tokens: int = ROW_CHUNK_TOKENS) -> Array:
+def row_chunk_tokens(platform: str) -> int | None:
+    """ROW_CHUNK_TOKENS on a CPU; None (whole batches) on GPUs and TPUs, which need large calls to fill them."""
+    return ROW_CHUNK_TOKENS if platform == "cpu" else None
+
+
+def in_row_chunks(forward, input_ids: Array, attention_mask: Array, max_tokens: int | None) -> Array:
     """forward(input_ids, attention_mask) -> (B, ...) run over row chunks of at most `max_tokens` tokens.
 
     One program either way (a jax.lax.map loop over equal chunks; the rows of a batch are
-    independent in eval mode, so the result is the same). Needs static shapes: call it under jit.
+    independent in eval mode, so the result is the same). max_tokens=None: the whole batch at once.
+    Needs static shapes: call it under jit.
     """
     b, t = input_ids.shape
+    if max_tokens is None:
+        return forward(input_ids, attention_mask)
     rows = max([r for r in range(1, b + 1) if b % r == 0 and r * t <= max_tokens], default=1)
     if rows == b:
         return forward(input_ids, attention_mask)

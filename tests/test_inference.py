@@ -449,8 +449,10 @@ def test_load_skips_the_random_initialisation_and_gives_the_eagerly_initialised_
 
 
 def test_large_batches_run_in_row_chunks_with_the_same_logits(tiny_model_dir):
-    """A batch over ROW_CHUNK_TOKENS tokens runs as a loop over row chunks (its activations stay in cache)."""
-    from jaxclf.model import in_row_chunks
+    """On a CPU a batch over ROW_CHUNK_TOKENS tokens runs as a loop over row chunks (its activations stay in cache)."""
+    from jaxclf.model import ROW_CHUNK_TOKENS, in_row_chunks, row_chunk_tokens
+
+    assert (row_chunk_tokens("cpu"), row_chunk_tokens("gpu"), row_chunk_tokens("tpu")) == (ROW_CHUNK_TOKENS, None, None)
 
     clf = jaxclf.load(tiny_model_dir)
     model = clf.model
@@ -460,10 +462,11 @@ def test_large_batches_run_in_row_chunks_with_the_same_logits(tiny_model_dir):
     mask = (np.arange(20)[None, :] < rng.integers(1, 21, size=(6, 1))).astype(np.int32)  # mixed lengths
 
     def run(max_tokens):
-        fn = jax.jit(lambda i, m: in_row_chunks(model, i, m, max_tokens=max_tokens))
+        fn = jax.jit(lambda i, m: in_row_chunks(model, i, m, max_tokens))
         return np.asarray(fn(ids, mask)), str(jax.make_jaxpr(fn)(ids, mask))
 
     whole, whole_program = run(120)  # 6 x 20 tokens fit: one call, no loop
+    assert run(None)[1] == whole_program  # None (GPUs, TPUs: row_chunk_tokens): never a loop
     chunked, chunked_program = run(50)  # the largest divisor of 6 rows with rows x 20 <= 50: 2 rows, 3 chunks
     assert "scan" not in whole_program
     assert "scan" in chunked_program and "i32[3,2,20]" in chunked_program

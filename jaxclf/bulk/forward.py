@@ -15,6 +15,7 @@ again (`compilations` counts them).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -29,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxclf.classifier import TextClassifier
 from jaxclf.config import ConfigError
+from jaxclf.model import in_row_chunks, row_chunk_tokens
 from jaxclf.tokenizer import bucket_for, length_buckets
 
 logger = logging.getLogger(__name__)
@@ -97,7 +99,11 @@ class BucketedForward:
         except Exception as e:  # shape polymorphism saves tracing time; tracing per bucket is correct too
             logger.warning("symbolic-shape export failed (%s: %s); tracing the model once per bucket",
                            type(e).__name__, e)
-        self._jitted = jitted
+        # One device: big batches as a loop over row chunks on a CPU (model.in_row_chunks). Across devices
+        # each holds a slice of the rows, which a reshape into chunks would move between them.
+        chunk_tokens = row_chunk_tokens(devices[0].platform) if len(devices) == 1 else None
+        self._jitted = jax.jit(lambda w, ids, mask: in_row_chunks(functools.partial(jitted, w), ids, mask,
+                                                                  chunk_tokens), **shardings)
         self._executables: dict[tuple[int, int], Any] = {}
         self._lock = threading.Lock()
         self.compile_seconds = 0.0

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
-from jaxclf.model import in_row_chunks
+from jaxclf.model import in_row_chunks, row_chunk_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ def compile_buckets(model: nnx.Module, device: jax.Device, batch_buckets: Sequen
     placed = SingleDeviceSharding(device)
     weight_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed) for x in leaves]
     exported = _forward_program(graphdef, treedef, weight_specs, max(length_buckets))
-    program = jax.jit(lambda w, ids, mask: in_row_chunks(functools.partial(exported, w), ids, mask))
+    chunk_tokens = row_chunk_tokens(device.platform)
+    program = jax.jit(lambda w, ids, mask: in_row_chunks(functools.partial(exported, w), ids, mask, chunk_tokens))
 
     def compile_one(lowered):
         executable = lowered.compile()
