@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 import signal
@@ -221,6 +222,12 @@ def test_resume_refuses_other_settings_and_restart_starts_over(tiny_model_dir, c
     run(str(tiny_model_dir), [str(source)], out, BulkConfig(batch_size=16, sort_window=64, shard_rows=50, id_field="id",
                                                            restart=True))
     assert len(shard_files(out)) == 3 and shard_files(out) != first
+    # Another compute dtype makes other logits: refused too, and restart runs the job in it.
+    bf16 = dataclasses.replace(SMALL, shard_rows=50, dtype="bfloat16")
+    with pytest.raises(OutputError, match="dtype"):
+        run(str(tiny_model_dir), [str(source)], out, bf16)
+    summary = run(str(tiny_model_dir), [str(source)], out, dataclasses.replace(bf16, restart=True))
+    assert summary["rows"] == 150 and json.loads((out / "job.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_forward_compiles_each_bucket_once_and_pads_like_pad_rows(tiny_model_dir):
@@ -240,6 +247,21 @@ def test_forward_compiles_each_bucket_once_and_pads_like_pad_rows(tiny_model_dir
     ids, mask = pad_rows(rows, 0, (8, 32))
     reference = clf._compiled_forward()(clf._state, ids, mask)  # the classifier's own jitted forward
     np.testing.assert_allclose(first, np.asarray(reference), atol=1e-5)
+
+
+
+def test_one_cpu_device_runs_a_big_batch_in_row_chunks_with_the_same_logits(tiny_model_dir):
+    from jaxclf.bulk.forward import BucketedForward
+    from jaxclf.model import ROW_CHUNK_TOKENS
+    clf = jaxclf.load(tiny_model_dir)
+    forward = BucketedForward(clf, batch_size=128)
+    rows = [[5 + (i % 7)] * (20 + i % 13) for i in range(128)]  # 128 rows x 32 tokens: twice ROW_CHUNK_TOKENS
+    assert 128 * 32 == 2 * ROW_CHUNK_TOKENS
+    got = forward.logits(rows)
+    assert "while" in forward.executable(128, 32).as_text()  # the chunk loop
+    small_calls = np.concatenate([forward.logits(rows[i:i + 4]) for i in range(0, 128, 4)])  # 128 tokens each
+    assert "while" not in forward.executable(4, 32).as_text()
+    np.testing.assert_allclose(got, small_calls, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- subprocesses

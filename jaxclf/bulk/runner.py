@@ -153,7 +153,7 @@ def job_settings(source: ModelSource, labels: Sequence[str], files: Sequence[rea
     return {"model_version": source.version, "labels": list(labels),
             "inputs": [f.fingerprint() for f in files], "text_field": config.text_field,
             "id_field": config.id_field, "shard_rows": config.shard_rows, "output_format": config.format,
-            "logits": config.logits}
+            "logits": config.logits, **({"dtype": config.dtype} if config.dtype else {})}
 
 
 def _check_parquet(config: BulkConfig) -> None:
@@ -183,7 +183,7 @@ def run(model: str, inputs: Sequence[str], output: str | os.PathLike, config: Bu
     if config.compilation_cache:
         from jaxclf.serve.compilation import enable_compilation_cache
         enable_compilation_cache(config.compilation_cache)  # before loading: loading compiles too
-    clf = classifier.load(source.path)
+    clf = classifier.load(source.path, dtype=config.dtype)
     out.prepare(job_settings(source, clf.labels, files, config))
     done = out.committed()
     forward = BucketedForward(clf, config.batch_size)

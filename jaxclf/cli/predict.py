@@ -64,7 +64,7 @@ def predict_texts(args: argparse.Namespace) -> int:
     from jaxclf.bulk.runner import resolve_model
 
     texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
-    clf = jaxclf.load(resolve_model(args.model, args.registry).path)
+    clf = jaxclf.load(resolve_model(args.model, args.registry).path, dtype=getattr(args, "dtype", None))
     for text, pred in zip(texts, clf.predict(texts)):
         print(json.dumps({"text": text, **pred}, ensure_ascii=False))
     return 0

@@ -68,7 +68,7 @@ class EngineConfig:
     dtype: str | None = dataclasses.field(default=None, metadata={
         "help": "compute dtype: none keeps the model's (config.json, float32 unless trained otherwise); "
                 "bfloat16 holds the weights in bf16 and multiplies in bf16, accumulating in float32: on a "
-                "CPU with AMX or AVX512-BF16 1.5-2.4x the float32 throughput, logits within ~1e-2 "
+                "CPU with AMX or AVX512-BF16 1.3-2.5x the float32 throughput, logits within ~1e-2 "
                 "(README, 'Reduced precision')", "choices": DTYPES})
     max_batch_size: int = 32  # most texts in one compiled call; the largest batch bucket must equal it
     batch_buckets: tuple[int, ...] | None = None  # batch sizes to compile; none: 1, 4, 32, ..., max_batch_size
