@@ -15,14 +15,18 @@ from typing import Callable
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+CPU_MATMUL_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
+
+
 def machine() -> dict:
     """What ran the benchmark: CPU model, cores, memory, library versions, accelerator if any."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")))
+        # What the matmul kernels can use: bf16 speed hangs on the last two (README, "Reduced precision").
+        info["cpu_matmul_features"] = [name for flag, name in CPU_MATMUL_FLAGS.items() if flag in flags]
         mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines()
                           if l.startswith("MemTotal")).split()[1])
         info["memory_gib"] = round(mem_kb / 2 ** 20, 1)
@@ -95,7 +99,8 @@ def write_results(name: str, payload: dict, table: str) -> Path:
     payload = {"machine": machine(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     m = payload["machine"]
-    header = (f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count')} cores, {m.get('memory_gib', '?')} GiB; "
+    features = f" ({', '.join(m['cpu_matmul_features'])})" if m.get("cpu_matmul_features") else ""
+    header = (f"Machine: {m.get('cpu', '?')}{features}, {m.get('cpu_count')} cores, {m.get('memory_gib', '?')} GiB; "
               f"GPU: {m.get('gpu') or 'none'}; jax {m.get('jax', '-')}, torch {m.get('torch', '-')}; "
               f"{payload['time_utc']}\n\n")
     (RESULTS / f"{name}.md").write_text(header + table + "\n")

@@ -7,7 +7,11 @@ PyTorch and the ONNX graph. For every (batch size x sequence length):
 
 - jaxclf: the classifier's own jitted forward (`TextClassifier._compiled_forward`: model in eval
   mode, `jax.jit` over the `nnx.split` state), compiled ahead of time per bucket with
-  `.lower(...).compile()`, as InferenceEngine does at start-up; "compile s" is that lower+compile time.
+  `.lower(...).compile()`, as InferenceEngine does at start-up (a batch of more than 2,048 tokens runs
+  as a loop over row chunks, jaxclf.model.in_row_chunks); "compile s" is that lower+compile time.
+- jaxclf bf16: the same for `jaxclf.load(dir, dtype="bfloat16")`, what `jaxclf serve --dtype bfloat16`
+  runs: weights held in bf16, matmuls on bf16 inputs accumulating in float32. Its logit difference to
+  jaxclf is bf16 rounding; its fair anchor is "openvino default" where that resolves to bf16.
 - onnxruntime, openvino f32, openvino default: the model directory exported once by
   `torch_ref.onnx_export` (what `jaxclf export-onnx` writes: dynamic batch and sequence axes), run by
   an ONNX Runtime CPU session and by OpenVINO's CPU plugin, each loaded once for every shape as a user
@@ -66,8 +70,8 @@ from common import (RESULTS, add_model_args, int_list as _ints, interleaved, mar
 from server_process import (ServerProcess, create_random_model_dir, http_json, proc_status,  # noqa: E402
                             sample_texts)
 
-VARIANTS = ("jaxclf", "onnxruntime", "onnxruntime int8", "openvino f32", "openvino default", "torch eager",
-            "torch.compile")
+VARIANTS = ("jaxclf", "jaxclf bf16", "onnxruntime", "onnxruntime int8", "openvino f32", "openvino default",
+            "torch eager", "torch.compile")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime", "openvino")  # the `bench` extra: export and run the graph
 
 
@@ -275,10 +279,11 @@ def time_row(args, calls: dict, batch: int, length: int) -> dict:
     return entry
 
 
-def compare(args, clf, config, onnx_path: Path | None) -> tuple[dict, dict, dict]:
+def compare(args, clf, model_dir: Path, onnx_path: Path | None) -> tuple[dict, dict, dict]:
     """Per (length, batch): throughput, latency and logit difference of every variant; compile and load times."""
     import torch
 
+    from jaxclf.classifier import load
     from torch_ref.model import TransformerClassifier
 
     torch.set_num_threads(args.threads)
@@ -286,9 +291,12 @@ def compare(args, clf, config, onnx_path: Path | None) -> tuple[dict, dict, dict
     # Default policy (static first, then dynamic shapes), but never give up and fall back to eager.
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
 
+    config = clf.config
     forward = clf._compiled_forward()  # the classifier's jitted forward over the nnx.split state
     state = clf._state
     executables, compile_times = compile_jax_buckets(args, forward, state)
+    bf16 = load(model_dir, dtype="bfloat16")
+    bf16_executables, bf16_compile_times = compile_jax_buckets(args, bf16._compiled_forward(), bf16._state)
     onnx_makers, runtimes = onnx_runners(args, onnx_path) if onnx_path is not None else ({}, {})
 
     model = TransformerClassifier.from_config(config, seed=0)
@@ -307,13 +315,15 @@ def compare(args, clf, config, onnx_path: Path | None) -> tuple[dict, dict, dict
         ids, mask = make_inputs(b, t, config.vocab_size, seed=1000 * t + b)
         ids64, mask64 = ids.astype(np.int64), mask.astype(np.int64)  # the ONNX graph's and torch's input dtype
         executable = executables[(t, b)]
-        calls = {"jaxclf": lambda: np.asarray(executable(state, ids, mask))}
+        calls = {"jaxclf": lambda: np.asarray(executable(state, ids, mask)),
+                 "jaxclf bf16": lambda: np.asarray(bf16_executables[(t, b)](bf16._state, ids, mask))}
         calls.update({name: make(ids64, mask64) for name, make in onnx_makers.items()})
         calls["torch eager"] = torch_call(model, torch.from_numpy(ids64), torch.from_numpy(mask64))
         if compiled_model is not None:
             calls["torch.compile"] = torch_call(compiled_model, torch.from_numpy(ids64), torch.from_numpy(mask64))
         entry = time_row(args, calls, b, t)
         entry["jaxclf"]["compile_s"] = compile_times[f"{b}x{t}"]["total_s"]
+        entry["jaxclf bf16"]["compile_s"] = bf16_compile_times[f"{b}x{t}"]["total_s"]
         results[f"{b}x{t}"] = {"batch": b, "length": t, "variants": entry}
         print(f"seq {t:4d} batch {b:4d}: " + ", ".join(
             f"{name} {entry[name]['examples_per_s']:.1f} ex/s p50 {entry[name]['p50_ms']:.2f} ms"
@@ -366,15 +376,15 @@ def variant_rows(results: dict) -> list[list]:
     return rows
 
 
-def ratio_table(results: dict) -> str:
-    """jaxclf's examples/s over every other variant's, per row: > 1 means jaxclf is faster."""
-    others = [n for n in VARIANTS[1:] if any(n in r["variants"] for r in results.values())]
+def ratio_table(results: dict, base: str, others: tuple[str, ...]) -> str:
+    """`base`'s examples/s over each of `others`' (those measured), per row: > 1 means `base` is faster."""
+    others = [n for n in others if any(n in r["variants"] for r in results.values())]
     rows = []
     for r in results.values():
         v = r["variants"]
-        rows.append([r["length"], r["batch"]] + [v["jaxclf"]["examples_per_s"] / v[n]["examples_per_s"]
+        rows.append([r["length"], r["batch"]] + [v[base]["examples_per_s"] / v[n]["examples_per_s"]
                                                  if n in v else "" for n in others])
-    return markdown_table(["seq", "batch"] + [f"jaxclf / {n}" for n in others], rows)
+    return markdown_table(["seq", "batch"] + [f"{base} / {n}" for n in others], rows)
 
 
 def tables(args, results: dict, runtimes: dict, startup: dict | None) -> str:
@@ -401,7 +411,12 @@ def tables(args, results: dict, runtimes: dict, startup: dict | None) -> str:
              f"between the variant's logits and jaxclf's on the row's inputs.\n\n")
     main = markdown_table(["seq", "batch", "variant", "examples/s", "p50 ms", "p99 ms", "calls", "compile s",
                            "max abs logit diff vs jaxclf"], variant_rows(results))
-    ratios = ("\n\njaxclf's examples/s over each variant's (> 1: jaxclf is faster):\n\n" + ratio_table(results))
+    ratios = ("\n\njaxclf's examples/s over each variant's (> 1: jaxclf is faster):\n\n"
+              + ratio_table(results, "jaxclf", tuple(n for n in VARIANTS if not n.startswith("jaxclf")))
+              + "\n\njaxclf bf16's examples/s over the runtimes' (> 1: jaxclf bf16 is faster; compare like with "
+                "like: openvino default where it resolved to bf16):\n\n"
+              + ratio_table(results, "jaxclf bf16", ("jaxclf", "onnxruntime", "onnxruntime int8", "openvino f32",
+                                                     "openvino default")))
     if startup is None:
         return model + main + ratios + "\n\n(start-up and memory: not measured yet)"
     cold, cached, serve = startup["engine_cold"], startup["engine_cached"], startup["serve"]
@@ -472,7 +487,7 @@ def main(argv=None) -> int:
                                       ff=args.ff, vocab=args.vocab, max_length=max(args.lengths))
         onnx_path = None if args.no_onnx else work / "model.onnx"
         export = {} if onnx_path is None else export_graph(model_dir, onnx_path)
-        results, compile_times, runtimes = compare(args, clf, clf.config, onnx_path)
+        results, compile_times, runtimes = compare(args, clf, model_dir, onnx_path)
         if export:
             runtimes["export"] = export
         payload = {"args": {k: v for k, v in vars(args).items() if not k.startswith("probe") and k != "engine_probe"},
