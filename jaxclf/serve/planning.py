@@ -16,7 +16,8 @@ from jaxclf.tokenizer import bucket_for
 # Cost of a compiled call, in padded token slots: batch × length, plus a fixed cost per call worth
 # this many slots. Tuned on a 2-core CPU with real tweets (33 tokens median) in 32-text requests:
 # 0 -> 632 predictions/s (7.2 calls a request), 64 -> 943, 128 -> 984 (2.7 calls), 256 -> 922,
-# one call per request -> 763.
+# one call per request -> 763. On a 2-core Xeon, /predict at 8, 32, 64 clients, 512 served 1.04x, 0.76x,
+# 0.91x what 128 did and 1024 0.89x, 0.54x, 0.50x (benchmarks/results/serving_call_overhead_xeon.md).
 CALL_OVERHEAD_SLOTS = 128
 
 
