@@ -204,6 +204,12 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_dtype_override(value: object) -> None:
+    """A compute dtype an engine or bulk job runs a model in: one of DTYPES, or None for the model's own."""
+    if value is not None and value not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or unset: the model's), got {value!r}")
+
+
 MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # fp16=True / bf16=True (the original framework's and Hugging Face's flags) are another way to set
 # mixed_precision; the three are one setting, kept consistent by TrainingConfig.

@@ -76,6 +76,9 @@ class Dense(nnx.Linear):
     TPUs and GPUs accumulate bf16 matmuls in float32 anyway, so asking for it costs them nothing.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, preferred_element_type=jnp.float32, **kwargs)
+
     def __call__(self, x: Array) -> Array:
         return super().__call__(x).astype(self.dtype)
 
@@ -92,7 +95,6 @@ class _Factory:
     def dense(self, d_in: int, d_out: int, axes: tuple[str | None, str | None]) -> Dense:
         return Dense(
             d_in, d_out, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs,
-            preferred_element_type=jnp.float32,
             kernel_init=nnx.with_partitioning(self.init, axes),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
 

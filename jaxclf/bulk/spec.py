@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxclf.config import DTYPES, ConfigError
+from jaxclf.config import DTYPES, ConfigError, check_dtype_override
 
 INPUT_FORMATS = ("csv", "jsonl", "text", "array_record")
 OUTPUT_FORMATS = ("jsonl", "parquet")
@@ -37,8 +37,7 @@ class BulkConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.input_format is not None and self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"input_format {self.input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)} (or unset: the model's)")
+        check_dtype_override(self.dtype)
         if self.format not in OUTPUT_FORMATS:
             raise ConfigError(f"format {self.format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
         if not self.text_field:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jaxclf.config import DTYPES, ConfigError
+from jaxclf.config import DTYPES, ConfigError, check_dtype_override
 from jaxclf.serve.limits import proxy_networks
 from jaxclf.serve.planning import check_buckets
 
@@ -94,8 +94,7 @@ class EngineConfig:
         if self.onnx_file is not None and self.backend != "onnxruntime":
             raise ConfigError(f"onnx_file={self.onnx_file!r} is read only by backend='onnxruntime' "
                               f"(backend is {self.backend!r})")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or unset: the model's), got {self.dtype!r}")
+        check_dtype_override(self.dtype)
         if self.backend == "onnxruntime" and self.dtype not in (None, "float32"):
             raise ConfigError(f"dtype={self.dtype!r} is for backend='jax'; the ONNX Runtime backend runs the "
                               f"exported float32 graph")
