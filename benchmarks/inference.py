@@ -196,8 +196,11 @@ def onnx_runners(args, onnx_path: Path) -> tuple[dict, dict]:
     axes), as a user loads the file; each call returns the logits as a numpy array it owns.
     """
     import onnxruntime
-    import openvino
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from jaxclf.serve.onnx_backend import import_openvino  # without its converter's telemetry fork
+
+    openvino = import_openvino()
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = args.threads

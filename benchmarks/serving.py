@@ -24,7 +24,7 @@ unless --model names a model directory. Everything is bounded and the servers ge
     python benchmarks/serving.py                          # ~3-4 min on 2 cores
     python benchmarks/serving.py --quick                  # ~1 min: concurrency 1,8, fewer requests
     python benchmarks/serving.py --model runs/default/model --concurrency 1,16 --rounds 5
-    python benchmarks/serving.py --server jax= --server onnxruntime="--backend onnxruntime"   # the backends
+    python benchmarks/serving.py --server jax= --server openvino="--backend openvino"   # the backends
     python benchmarks/serving.py --server default= --server "flag=XLA_FLAGS=--xla_cpu_... --batch-buckets 1,8,32"
 """
 
@@ -54,7 +54,7 @@ from common import (RESULTS, int_list as _ints, markdown_table, median, save_fig
 from server_process import (ServerProcess, create_random_model_dir, http_json, metric_sum,  # noqa: E402
                             resident_pages, sample_texts)
 
-from jaxclf.serve.config import ServeConfig  # noqa: E402  (JAX-free: the server's defaults)
+from jaxclf.serve.config import GRAPH_BACKENDS, ServeConfig  # noqa: E402  (JAX-free: the server's defaults)
 
 DEFAULT_SERVERS = ("batching on=", "batching off=--no-batching")
 HEADERS = {"Content-Type": "application/json"}
@@ -237,9 +237,9 @@ def start_servers(args, model_dir: Path, work: Path, stack: contextlib.ExitStack
     if args.max_wait_ms is not None:
         common_args += ["--max-wait-ms", str(args.max_wait_ms)]
     flags = {name: common_args + extra for name, extra in args.servers.items()}
-    graph = work / "model.onnx"  # a server variant on --backend onnxruntime serves this export of the model
+    graph = work / "model.onnx"  # a server variant on a graph backend serves this export of the model
     for name, extra in flags.items():
-        if "onnxruntime" in extra and "--onnx-file" not in extra:
+        if any(backend in extra for backend in GRAPH_BACKENDS) and "--onnx-file" not in extra:
             if not graph.exists():
                 export_onnx(model_dir, graph)
             flags[name] = extra + ["--onnx-file", str(graph)]
@@ -299,7 +299,7 @@ def export_onnx(model_dir: Path, graph: Path) -> None:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "jaxclf", "export-onnx", "--model", str(model_dir), "--output", str(graph)],
                    check=True, stdout=subprocess.DEVNULL)
-    print(f"exported {graph} in {time.perf_counter() - started:.1f}s for the onnxruntime server(s)", flush=True)
+    print(f"exported {graph} in {time.perf_counter() - started:.1f}s for the graph backend server(s)", flush=True)
 
 
 # What serve.py's process holds before the engine loads: the interpreter, its imports, the JAX CPU client.
@@ -317,7 +317,9 @@ print(json.dumps({"imports": imports, "jax_client": resident_pages(os.getpid())}
 
 def memory_breakdown(args, model_dir: Path, work: Path, server: ServerProcess, started: dict,
                      texts: UniqueTexts) -> dict:
-    """Where the soaked server's resident memory goes (MiB), then its growth over --soak-requests requests."""
+    """Where the soaked server's resident memory goes (MiB), then its growth over --soak-requests requests.
+
+    The one-bucket server runs the soaked server's flags (its backend, dtype) with a single bucket."""
     import subprocess
     probe = subprocess.run([sys.executable, "-c", IMPORT_PROBE, str(Path(__file__).resolve().parent)],
                            capture_output=True, text=True, timeout=300)
@@ -326,12 +328,13 @@ def memory_breakdown(args, model_dir: Path, work: Path, server: ServerProcess, s
     imported = json.loads(probe.stdout.strip().splitlines()[-1])
     max_length = json.loads((model_dir / "config.json").read_text())["model"]["max_position_embeddings"]
     one_flags = ["--batch-buckets", "1", "--length-buckets", str(max_length)]
-    with ServerProcess(model_dir, one_flags, cache_dir=work / "xla-cache", log_dir=work, name="one-bucket") as one:
+    with ServerProcess(model_dir, server.extra_args + one_flags, cache_dir=work / "xla-cache", log_dir=work,
+                       name="one-bucket", env=server.env) as one:
         one.wait_ready()
         time.sleep(1.0)
         one_bucket = resident_pages(one.proc.pid)
-    ready = started["resident"]
-    executables = started["executables"] or 1
+    ready, serving = started["resident"], started["serving"]
+    buckets = len(serving["batch_buckets"]) * len(serving["length_buckets"])
     rng = np.random.default_rng(1)
     bodies = []
     for i in range(args.soak_requests):  # 9 in 10 /predict, 1 in 10 /predict/batch of 1-32 texts
@@ -351,11 +354,11 @@ def memory_breakdown(args, model_dir: Path, work: Path, server: ServerProcess, s
     soak_s = time.perf_counter() - began
     after = resident_pages(server.proc.pid)
     out = {"imports": imported["imports"], "jax_client": imported["jax_client"], "one_bucket_ready": one_bucket,
-           "ready": ready, "executables": executables, "after_soak": after, "soak_requests": args.soak_requests,
-           "soak_s": soak_s, "soak_errors": dict(errors), "peak": server.rss()["VmHWM"],
-           "per_further_executable": (ready["rss"] - one_bucket["rss"]) / max(1, executables - 1)}
+           "ready": ready, "buckets": buckets, "backend": serving["backend"], "after_soak": after,
+           "soak_requests": args.soak_requests, "soak_s": soak_s, "soak_errors": dict(errors),
+           "peak": server.rss()["VmHWM"], "per_further_bucket": (ready["rss"] - one_bucket["rss"]) / max(1, buckets - 1)}
     print(f"memory: imports {out['imports']['rss']:.0f} MiB, + JAX client {out['jax_client']['rss']:.0f}, one-bucket "
-          f"server {one_bucket['rss']:.0f}, ready ({executables} executables) {ready['rss']:.0f}, after "
+          f"server {one_bucket['rss']:.0f}, ready ({buckets} buckets) {ready['rss']:.0f}, after "
           f"{args.soak_requests} requests {after['rss']:.0f} (peak {out['peak']:.0f}) MiB", flush=True)
     return out
 
@@ -366,11 +369,12 @@ def breakdown_text(m: dict) -> str:
          m["imports"]["anonymous"], m["imports"]["file_backed"]],
         ["+ the JAX CPU client (jax.devices())", m["jax_client"]["rss"],
          m["jax_client"]["rss"] - m["imports"]["rss"], m["jax_client"]["anonymous"], m["jax_client"]["file_backed"]],
-        ["+ weights, engine, server threads, 1 executable (a 1-bucket server, after /ready)",
+        [f"+ weights, engine, server threads, 1 bucket{' (its executable)' if m['backend'] == 'jax' else ''}, "
+         f"{m['backend']} backend (a 1-bucket server, after /ready)",
          m["one_bucket_ready"]["rss"], m["one_bucket_ready"]["rss"] - m["jax_client"]["rss"],
          m["one_bucket_ready"]["anonymous"], m["one_bucket_ready"]["file_backed"]],
-        [f"+ {m['executables'] - 1} more executables (default buckets, after /ready; "
-         f"{m['per_further_executable']:.1f} MiB each)", m["ready"]["rss"],
+        [f"+ {m['buckets'] - 1} more buckets (after /ready; {m['per_further_bucket']:.1f} MiB each"
+         f"{': an XLA executable each' if m['backend'] == 'jax' else ': planned shapes, run once'})", m["ready"]["rss"],
          m["ready"]["rss"] - m["one_bucket_ready"]["rss"], m["ready"]["anonymous"], m["ready"]["file_backed"]],
         [f"+ growth over {m['soak_requests']:,} requests (after the measured levels)", m["after_soak"]["rss"],
          m["after_soak"]["rss"] - m["ready"]["rss"], m["after_soak"]["anonymous"], m["after_soak"]["file_backed"]],

@@ -1,15 +1,19 @@
-"""The engine's ONNX Runtime backend gives the JAX backend's logits to 1e-5, behind the same buckets.
+"""The engine's ONNX Runtime and OpenVINO backends give the JAX backend's logits to 1e-5, behind the
+same buckets.
 
-`InferenceEngine(dir, backend="onnxruntime")` runs the graph `jaxclf export-onnx` wrote
-(jaxclf.serve.onnx_backend); everything else (tokenizing, padding to buckets, planning calls, the
-batcher, long-text windows and their pooling, the result cache) is the engine's own. Needs torch
-to export and onnxruntime to run: pip install torch==2.13.0 'jaxclf[onnx]'.
+`InferenceEngine(dir, backend="onnxruntime")` (or "openvino") runs the graph `jaxclf export-onnx`
+wrote (jaxclf.serve.onnx_backend); everything else (tokenizing, padding to buckets, planning calls,
+the batcher, long-text windows and their pooling, the result cache) is the engine's own. Needs torch
+to export and onnxruntime or openvino to run: pip install torch==2.13.0 'jaxclf[onnx,openvino]'.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -23,8 +27,14 @@ from jaxclf.config import ConfigError  # noqa: E402
 from jaxclf.serve import EngineConfig, create_app  # noqa: E402
 from jaxclf.serve.engine import InferenceEngine  # noqa: E402
 from parity_tests import twins  # noqa: E402
+from parity_tests.test_bf16 import KL_BOUND, TIE_MARGIN, kl_divergence  # noqa: E402
 from parity_tests.test_onnx_export import EDGE_TEXTS, export, long_texts  # noqa: E402
 from parity_tests.twins import sample_texts  # noqa: E402
+
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed: pip install 'jaxclf[openvino]'")
+BACKENDS = ["onnxruntime", pytest.param("openvino", marks=needs_openvino)]
+UNREADABLE = {"onnxruntime": "ONNX Runtime cannot load this graph", "openvino": "OpenVINO cannot read this graph"}
 
 BUCKETS = dict(max_batch_size=8, batch_buckets=(1, 8), length_buckets=(8, 24), cache_size=0)
 
@@ -38,28 +48,31 @@ def exported_dir(saved_model_dir, tmp_path_factory):
     return d
 
 
-def both_backends(directory, **overrides):
+def both_backends(directory, backend, **overrides):
     return (InferenceEngine(directory, **BUCKETS, **overrides),
-            InferenceEngine(directory, **BUCKETS, backend="onnxruntime", **overrides))
+            InferenceEngine(directory, **BUCKETS, backend=backend, **overrides))
 
 
 def logits_of(engine: InferenceEngine, texts: list[str]) -> np.ndarray:
     return np.array([r.logits for r in engine.predict_batch(texts).results], np.float32)
 
 
-def test_onnxruntime_backend_matches_the_jax_backend_on_mixed_lengths(exported_dir):
-    jax_engine, ort_engine = both_backends(exported_dir)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_graph_backend_matches_the_jax_backend_on_mixed_lengths(exported_dir, backend):
+    """In float32: OpenVINO's own default on a CPU with AMX or AVX512-BF16 is bf16, which fails this."""
+    jax_engine, ort_engine = both_backends(exported_dir, backend)
     with jax_engine, ort_engine:
         texts = sample_texts()[:30] + EDGE_TEXTS + long_texts()  # short, 24-token truncated, empty
         for batch in (texts[:1], texts[:5], texts):  # one call; a padded bucket; several planned calls
             with twins.highest():
                 want = logits_of(jax_engine, batch)
-            err = twins.record("onnxruntime backend logits max-abs", twins.max_abs(logits_of(ort_engine, batch), want))
-            assert err <= twins.LOGITS_TOL, f"ONNX Runtime backend differs from the JAX backend by {err:.3e}"
+            err = twins.record(f"{backend} backend logits max-abs", twins.max_abs(logits_of(ort_engine, batch), want))
+            assert err <= twins.LOGITS_TOL, f"the {backend} backend differs from the JAX backend by {err:.3e}"
         single = ort_engine.predict_single(texts[0])
         assert single.predicted_class == jax_engine.predict_single(texts[0]).predicted_class
         health = ort_engine.health_check()
-        assert (health["status"], health["backend"], health["stray_compilations"]) == ("ok", "onnxruntime", 0)
+        assert (health["status"], health["backend"], health["dtype"], health["stray_compilations"]) == (
+            "ok", backend, "float32", 0)
         assert sorted(map(tuple, health["compiled_buckets"])) == [(1, 8), (1, 24), (8, 8), (8, 24)]
         assert ort_engine.aot_compilations == 0  # no XLA executable is built for this backend
         # ...and no JAX copy of the weights: the parameters are shapes only
@@ -67,14 +80,15 @@ def test_onnxruntime_backend_matches_the_jax_backend_on_mixed_lengths(exported_d
         assert params and all(isinstance(p, jax.ShapeDtypeStruct) for p in params)
 
 
-def test_chunked_documents_pool_the_same_on_both_backends(saved_model_dir, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_documents_pool_the_same_on_both_backends(saved_model_dir, tmp_path, backend):
     d = tmp_path / "chunks"
     shutil.copytree(saved_model_dir, d)
     cfg = json.loads((d / "config.json").read_text())
     cfg["model"].update(long_text="chunks", chunk_stride=11, max_chunks=6, chunk_pooling="weighted")
     (d / "config.json").write_text(json.dumps(cfg))
     export(d, d / "model.onnx")
-    jax_engine, ort_engine = both_backends(d)
+    jax_engine, ort_engine = both_backends(d, backend)
     with jax_engine, ort_engine:
         texts = long_texts() + sample_texts()[:4]
         results = ort_engine.predict_batch(texts).results
@@ -85,7 +99,8 @@ def test_chunked_documents_pool_the_same_on_both_backends(saved_model_dir, tmp_p
         assert err <= twins.LOGITS_TOL, f"pooled windows differ between backends by {err:.3e}"
 
 
-def test_a_graph_exported_before_the_model_changed_is_refused(exported_dir, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_graph_exported_before_the_model_changed_is_refused(exported_dir, tmp_path, backend):
     d = tmp_path / "recalibrated"
     shutil.copytree(exported_dir, d)  # model.onnx comes along, exported from the model as it was
     cfg = json.loads((d / "config.json").read_text())
@@ -93,24 +108,62 @@ def test_a_graph_exported_before_the_model_changed_is_refused(exported_dir, tmp_
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="was not exported from the model directory .* re-export it with: "
                                           "jaxclf export-onnx"):
-        InferenceEngine(d, **BUCKETS, backend="onnxruntime")
+        InferenceEngine(d, **BUCKETS, backend=backend)
 
 
-def test_a_missing_or_broken_graph_is_a_clear_error(saved_model_dir, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_missing_or_broken_graph_is_a_clear_error(saved_model_dir, tmp_path, backend):
     with pytest.raises(ConfigError, match="there is none at .*model.onnx; write it with: jaxclf export-onnx"):
-        InferenceEngine(saved_model_dir, **BUCKETS, backend="onnxruntime")
+        InferenceEngine(saved_model_dir, **BUCKETS, backend=backend)
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a graph")
-    with pytest.raises(ConfigError, match="ONNX Runtime cannot load this graph"):
-        InferenceEngine(saved_model_dir, **BUCKETS, backend="onnxruntime", onnx_file=str(broken))
+    with pytest.raises(ConfigError, match=UNREADABLE[backend]):
+        InferenceEngine(saved_model_dir, **BUCKETS, backend=backend, onnx_file=str(broken))
 
 
-def test_the_service_reports_and_uses_the_backend(exported_dir):
-    engine = InferenceEngine(exported_dir, EngineConfig(backend="onnxruntime", **BUCKETS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_service_reports_and_uses_the_backend(exported_dir, backend):
+    engine = InferenceEngine(exported_dir, EngineConfig(backend=backend, **BUCKETS))
     with engine:
         client = create_app(engine).test_client()
         assert client.get("/ready").status_code == 200
-        assert client.get("/model/info").get_json()["serving"]["backend"] == "onnxruntime"
+        assert client.get("/model/info").get_json()["serving"]["backend"] == backend
         response = client.post("/predict", json={"text": sample_texts()[0]})
         assert response.status_code == 200
         assert response.get_json()["label"] == engine.predict_single(sample_texts()[0]).predicted_class
+
+
+@needs_openvino
+def test_openvino_in_bfloat16_stays_within_the_bf16_bounds_or_is_refused(exported_dir):
+    """`--backend openvino --dtype bfloat16`: OpenVINO's bf16 precision, held to the bounds of the JAX
+    bf16 path (parity_tests/test_bf16.py). A CPU without bf16 matmuls gets a clear refusal, where
+    OpenVINO itself would quietly run float32."""
+    from jaxclf.serve.onnx_backend import import_openvino
+
+    capabilities = import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in capabilities:
+        with pytest.raises(ConfigError, match="needs a CPU with bf16 matmuls"):
+            InferenceEngine(exported_dir, **BUCKETS, backend="openvino", dtype="bfloat16")
+        return
+    texts = sample_texts()[:40] + EDGE_TEXTS + long_texts()
+    with InferenceEngine(exported_dir, **BUCKETS) as fp32, \
+            InferenceEngine(exported_dir, **BUCKETS, backend="openvino", dtype="bfloat16") as bf16:
+        want, got = logits_of(fp32, texts), logits_of(bf16, texts)
+        kl = kl_divergence(want, got)
+        twins.record("openvino bf16 backend: KL(p_fp32 || p_bf16) max", kl.max())
+        twins.record("openvino bf16 backend: logits |fp32 - bf16| max", twins.max_abs(want, got))
+        assert 0 < twins.max_abs(want, got) and kl.max() <= KL_BOUND, (twins.max_abs(want, got), kl.max())
+        top2 = np.sort(want, axis=1)
+        clear = top2[:, -1] - top2[:, -2] > TIE_MARGIN
+        assert (want.argmax(1) == got.argmax(1))[clear].all()
+        assert bf16.health_check()["dtype"] == "bfloat16"
+
+
+@needs_openvino
+def test_importing_openvino_for_the_backend_sends_no_telemetry():
+    """`import openvino` loads its converter, whose telemetry forks a sender process; the backend's
+    import leaves the converter (and the telemetry package) out of the process."""
+    probe = ("import sys; from jaxclf.serve.onnx_backend import import_openvino; ov = import_openvino(); "
+             "ov.Core(); print(sorted(m for m in sys.modules if 'telemetry' in m or 'ovc' in m))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

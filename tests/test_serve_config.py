@@ -70,9 +70,11 @@ def test_bad_flag_values_are_argparse_errors():
     (lambda: EngineConfig(length_buckets=(32, 16)), "length_buckets must be strictly increasing"),
     (lambda: EngineConfig(request_timeout_s=0), "request_timeout_s must be a number > 0"),
     (lambda: EngineConfig(device="quantum"), "device must be one of auto, cpu, gpu, cuda, tpu"),
-    (lambda: EngineConfig(backend="tensorrt"), "backend must be one of jax, onnxruntime, got 'tensorrt'"),
-    (lambda: EngineConfig(onnx_file="m.onnx"), "onnx_file='m.onnx' is read only by backend='onnxruntime'"),
+    (lambda: EngineConfig(backend="tensorrt"), "backend must be one of jax, onnxruntime, openvino, got 'tensorrt'"),
+    (lambda: EngineConfig(onnx_file="m.onnx"), "onnx_file='m.onnx' is read only by backend='onnxruntime' or "
+                                               "'openvino'"),
     (lambda: EngineConfig(backend="onnxruntime", device="tpu"), "backend='onnxruntime' runs on the CPU"),
+    (lambda: EngineConfig(backend="openvino", device="gpu"), "backend='openvino' runs on the CPU"),
     (lambda: EngineConfig(dtype="int8"), "dtype must be one of float32, bfloat16, float16 (or unset"),
     (lambda: EngineConfig(backend="onnxruntime", dtype="bfloat16"), "dtype='bfloat16' is for backend='jax'"),
     (lambda: ServeConfig(port=70000), "port must be at most 65535"),

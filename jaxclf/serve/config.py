@@ -24,7 +24,8 @@ from jaxclf.serve.limits import proxy_networks
 from jaxclf.serve.planning import check_buckets
 
 DEVICES = ("auto", "cpu", "gpu", "cuda", "tpu")  # "cuda" is JAX's name for NVIDIA GPUs
-BACKENDS = ("jax", "onnxruntime")  # what runs the compiled buckets (jaxclf.serve.onnx_backend)
+BACKENDS = ("jax", "onnxruntime", "openvino")  # what runs the compiled buckets (jaxclf.serve.onnx_backend)
+GRAPH_BACKENDS = ("onnxruntime", "openvino")  # the ones that run the exported ONNX graph, on the CPU
 ADMIN_TOKEN_ENV = "JAXCLF_ADMIN_TOKEN"  # where `python -m jaxclf.serve` reads the admin token when no flag gives it
 
 Config = TypeVar("Config")
@@ -62,14 +63,16 @@ class EngineConfig:
     device: str = dataclasses.field(default="auto", metadata={
         "help": "where the model runs: cpu, gpu (or cuda), tpu, or auto (JAX's default backend)", "choices": DEVICES})
     backend: str = dataclasses.field(default="jax", metadata={
-        "help": "what runs the buckets: jax (XLA executables), or onnxruntime (the graph `jaxclf export-onnx` "
-                "wrote, --onnx-file; CPU hosts, needs jaxclf[onnx])", "choices": BACKENDS})
-    onnx_file: str | None = None  # the exported graph backend=onnxruntime runs; none: MODEL_DIR/model.onnx
+        "help": "what runs the buckets: jax (XLA executables), or onnxruntime or openvino (the graph "
+                "`jaxclf export-onnx` wrote, --onnx-file; CPU hosts, needs jaxclf[onnx] or jaxclf[openvino])",
+        "choices": BACKENDS})
+    onnx_file: str | None = None  # the graph the onnxruntime and openvino backends run; none: MODEL_DIR/model.onnx
     dtype: str | None = dataclasses.field(default=None, metadata={
         "help": "compute dtype: none keeps the model's (config.json, float32 unless trained otherwise); "
                 "bfloat16 holds the weights in bf16 and multiplies in bf16, accumulating in float32: on a "
                 "CPU with AMX or AVX512-BF16 1.3-2.5x the float32 throughput, logits within ~1e-2 "
-                "(README, 'Reduced precision')", "choices": DTYPES})
+                "(README, 'Reduced precision'); with backend=openvino, OpenVINO's bf16 precision",
+        "choices": DTYPES})
     max_batch_size: int = 32  # most texts in one compiled call; the largest batch bucket must equal it
     batch_buckets: tuple[int, ...] | None = None  # batch sizes to compile; none: 1, 4, 32, ..., max_batch_size
     length_buckets: tuple[int, ...] | None = None  # sequence lengths to compile; none: 32, 48, 64, powers of 2 to max
@@ -91,15 +94,15 @@ class EngineConfig:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.onnx_file is not None and self.backend != "onnxruntime":
-            raise ConfigError(f"onnx_file={self.onnx_file!r} is read only by backend='onnxruntime' "
+        if self.onnx_file is not None and self.backend not in GRAPH_BACKENDS:
+            raise ConfigError(f"onnx_file={self.onnx_file!r} is read only by backend='onnxruntime' or 'openvino' "
                               f"(backend is {self.backend!r})")
         check_dtype_override(self.dtype)
         if self.backend == "onnxruntime" and self.dtype not in (None, "float32"):
-            raise ConfigError(f"dtype={self.dtype!r} is for backend='jax'; the ONNX Runtime backend runs the "
-                              f"exported float32 graph")
-        if self.backend == "onnxruntime" and self.device not in ("auto", "cpu"):
-            raise ConfigError(f"backend='onnxruntime' runs on the CPU; device={self.device!r} needs backend='jax'")
+            raise ConfigError(f"dtype={self.dtype!r} is for backend='jax' or 'openvino'; the ONNX Runtime "
+                              f"backend runs the exported float32 graph")
+        if self.backend in GRAPH_BACKENDS and self.device not in ("auto", "cpu"):
+            raise ConfigError(f"backend={self.backend!r} runs on the CPU; device={self.device!r} needs backend='jax'")
         _positive(self, "max_batch_size", "max_queue_size", "batch_workers")
         _positive(self, "cache_size", "cache_max_bytes", allow_zero=True)
         _positive(self, "max_wait_ms", allow_zero=True, integer=False)

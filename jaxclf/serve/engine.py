@@ -46,7 +46,7 @@ from jaxclf.serve.batcher import Batcher, QueuedText
 from jaxclf.serve.cache import ResultCache
 from jaxclf.serve.compilation import (ServingRequest, compile_buckets, enable_compilation_cache,
                                      ensure_compile_listener, release_free_memory)
-from jaxclf.serve.config import EngineConfig, override
+from jaxclf.serve.config import GRAPH_BACKENDS, EngineConfig, override
 from jaxclf.serve.documents import DocumentFuture, DocumentTooLongError, window_parts  # noqa: F401 (API)
 from jaxclf.serve.errors import (DeadlineExceeded, EngineClosedError, InferenceError,  # noqa: F401 (API)
                                  QueueFullError)
@@ -122,7 +122,7 @@ class InferenceEngine:
 
         ensure_compile_listener()
         self._use_compilation_cache(self.engine_config.compilation_cache_dir)
-        with jax.default_device(self.device):  # the ONNX Runtime backend computes without JAX weights
+        with jax.default_device(self.device):  # the graph backends compute without JAX weights
             self.classifier = load(self.model_path, with_weights=self.engine_config.backend == "jax",
                                    dtype=self.engine_config.dtype)
         self.config = self.classifier.config  # the ModelConfig
@@ -138,10 +138,11 @@ class InferenceEngine:
         self._aot_compilations = 0
         self.classifier.model.eval()  # dropout off
         self.backend = self.engine_config.backend
-        if self.backend == "onnxruntime":  # the exported graph, behind the same buckets (serve.onnx_backend)
-            from jaxclf.serve.onnx_backend import OnnxRuntimeBuckets, default_onnx_file
-            runner = OnnxRuntimeBuckets(self.engine_config.onnx_file or default_onnx_file(self.model_path),
-                                        self.model_path)
+        if self.backend in GRAPH_BACKENDS:  # the exported graph, behind the same buckets (serve.onnx_backend)
+            from jaxclf.serve.onnx_backend import OnnxRuntimeBuckets, OpenVinoBuckets, default_onnx_file
+            onnx_file = self.engine_config.onnx_file or default_onnx_file(self.model_path)
+            runner = (OnnxRuntimeBuckets(onnx_file, self.model_path) if self.backend == "onnxruntime"
+                      else OpenVinoBuckets(onnx_file, self.model_path, self.config.dtype))
             self._forward: Callable[[tuple[int, int], np.ndarray, np.ndarray], np.ndarray] = runner.run
             self._weights, self._buckets = None, [(b, t) for b in self.batch_buckets for t in self.length_buckets]
         else:
