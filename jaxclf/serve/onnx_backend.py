@@ -154,6 +154,11 @@ class OpenVinoBuckets:
         _check_graph(path, model_path, graph.get_rt_info(key).astype(str) if graph.has_rt_info(key) else None,
                      [i.get_any_name() for i in graph.inputs])
         wanted = self.PRECISIONS[dtype]
+        capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")  # e.g. BF16, FP32, INT8
+        if wanted == "bf16" and "BF16" not in capabilities:
+            raise ConfigError(f"backend='openvino' with dtype={dtype!r} needs a CPU with bf16 matmuls "
+                              f"(AVX512-BF16 or AMX); OpenVINO finds none here (CPU capabilities: "
+                              f"{', '.join(capabilities)}). Serve float32, or backend='jax' with dtype='bfloat16'")
         # LATENCY: one stream, every core on each call. In one interleaved run of benchmarks/serving.py on
         # 2 cores, THROUGHPUT (two one-thread streams) served 1.27x LATENCY's /predict requests/s at 32 and
         # 64 clients, but 0.75x at one client and 0.56x its /predict/batch predictions/s at one client.
@@ -164,11 +169,9 @@ class OpenVinoBuckets:
             raise ConfigError(f"{path}: OpenVINO cannot compile this graph for the CPU in {wanted} "
                               f"({type(e).__name__}: {e})") from None
         resolved = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        if resolved != wanted:
-            capabilities = ", ".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-            raise ConfigError(f"backend='openvino' with dtype={dtype!r} needs a CPU with bf16 matmuls "
-                              f"(AVX512-BF16 or AMX); OpenVINO runs {resolved} here (CPU capabilities: "
-                              f"{capabilities}). Serve float32, or backend='jax' with dtype='bfloat16'")
+        if resolved != wanted:  # the precision the logits would really have; never a quiet fallback
+            raise ConfigError(f"backend='openvino' with dtype={dtype!r}: OpenVINO compiled this graph in "
+                              f"{resolved}, not {wanted} (CPU capabilities: {', '.join(capabilities)})")
         self.path = path
         self._local = threading.local()
         logger.info("OpenVINO %s serving %s in %s", openvino.__version__, path, resolved)
