@@ -120,7 +120,7 @@ def load(path: str | os.PathLike, with_weights: bool = True, dtype: str | None =
     """Load a model directory (config.json, model.safetensors, tokenizer.json, metrics.json).
 
     with_weights=False leaves the parameters as shapes (jax.ShapeDtypeStruct): the tokenizer, config
-    and metrics of a model another runtime computes (the engine's ONNX Runtime backend).
+    and metrics of a model another runtime computes (the graph backends: ONNX Runtime, OpenVINO).
     dtype: run the model in this compute dtype, its weights held in it too (`"bfloat16"` for CPUs with
     AMX or AVX512-BF16, see README "Reduced precision"); none keeps config.json's.
     """

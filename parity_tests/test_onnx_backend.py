@@ -167,3 +167,28 @@ def test_importing_openvino_for_the_backend_sends_no_telemetry():
              "ov.Core(); print(sorted(m for m in sys.modules if 'telemetry' in m or 'ovc' in m))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bulk_predict_on_a_graph_backend_matches_the_jax_backend(exported_dir, tmp_path, backend):
+    """`jaxclf predict --backend ...`: the same calls through the graph, recorded in job.json."""
+    import dataclasses
+
+    from jaxclf.bulk import BulkConfig, read_predictions, run
+    from jaxclf.bulk.writer import OutputError
+
+    texts = sample_texts()[:60] + EDGE_TEXTS + long_texts()
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    config = BulkConfig(batch_size=16, sort_window=32, shard_rows=40, logits=True, progress=False)
+    with twins.highest():
+        run(str(exported_dir), [str(source)], tmp_path / "jax", config)
+    summary = run(str(exported_dir), [str(source)], tmp_path / backend, dataclasses.replace(config, backend=backend))
+    assert summary["rows"] == summary["predictions"] == len(texts)
+    want = np.array([r["logits"] for r in read_predictions(tmp_path / "jax")], np.float32)
+    got = np.array([r["logits"] for r in read_predictions(tmp_path / backend)], np.float32)
+    err = twins.record(f"{backend} bulk predict logits max-abs", twins.max_abs(got, want))
+    assert err <= twins.LOGITS_TOL, f"jaxclf predict --backend {backend} differs from JAX by {err:.3e}"
+    assert json.loads((tmp_path / backend / "job.json").read_text())["backend"] == backend
+    with pytest.raises(OutputError, match=f"backend: was '{backend}', now None"):  # a resume on JAX is refused
+        run(str(exported_dir), [str(source)], tmp_path / backend, config)

@@ -208,6 +208,14 @@ def test_quick_form_prints_one_json_line_per_text(tiny_model_dir, capsys):
     assert lines == jaxclf.load(tiny_model_dir).predict(["great food", "slow service"])
 
 
+def test_quick_form_refuses_the_bulk_only_backend_flags(tiny_model_dir, capsys):
+    for flags in (["--backend", "openvino"], ["--onnx-file", "m.onnx"]):
+        with pytest.raises(SystemExit) as exit_info:
+            predict_main(["--model", str(tiny_model_dir), *flags, "great food"])
+        assert exit_info.value.code == 2
+        assert "are for the bulk form (--input/--output)" in capsys.readouterr().err
+
+
 def test_resume_refuses_other_settings_and_restart_starts_over(tiny_model_dir, corpus, tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", corpus[:150])
     out = tmp_path / "out"

@@ -11,6 +11,9 @@ device works, and no collective crosses processes (each process of a multi-host 
 rows). The model is traced once with a symbolic (batch, length) shape (jax.export, as the serving
 engine does) and each bucket is compiled from it once, on first use; no call ever traces or compiles
 again (`compilations` counts them).
+
+`GraphForward` makes the same calls through a graph backend of the serving engine (ONNX Runtime or
+OpenVINO on this host's CPU, jaxclf.serve.onnx_backend): `jaxclf predict --backend openvino`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxclf.classifier import TextClassifier
-from jaxclf.config import ConfigError
+from jaxclf.config import ConfigError, ModelConfig
 from jaxclf.model import in_row_chunks, row_chunk_tokens
 from jaxclf.tokenizer import bucket_for, length_buckets
 
@@ -62,18 +65,51 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, batch: int, length: int) ->
     return ids, mask.astype(np.int32)
 
 
-class BucketedForward:
+class _Calls:
+    """How rows become calls (plan) and how the calls' logits come back in row order (gather); each
+    forward below runs the calls its own way (`dispatch`)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, num_devices: int):
+        self.config = config
+        self.batch_size = batch_size
+        self.batch_buckets = batch_buckets(batch_size, num_devices)
+        # Midpoint buckets (48, 96, ...) as in serving: a 33-token text pads to 48, not 64.
+        self.length_buckets = length_buckets(config.max_position_embeddings, midpoints=True)
+
+    def plan(self, lengths: Sequence[int]) -> list[tuple[np.ndarray, int, int]]:
+        """(row indices, batch bucket, length bucket) per call: rows by length, batch_size at a time."""
+        order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+        calls = []
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            longest = int(lengths[rows[-1]])  # sorted: the last row is the longest
+            calls.append((rows, bucket_for(len(rows), self.batch_buckets), bucket_for(longest, self.length_buckets)))
+        return calls
+
+    def padded_calls(self, rows: Sequence[Sequence[int]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(row indices, padded ids, mask) per planned call."""
+        for index, batch, length in self.plan([len(r) for r in rows]):
+            yield (index, *_pad([rows[i] for i in index], self.config.pad_token_id, batch, length))
+
+    def gather(self, calls: list[tuple[np.ndarray, Any]], num_rows: int) -> np.ndarray:
+        """float32 (num_rows, C) logits of dispatched calls, in the original row order."""
+        out = np.empty((num_rows, self.config.num_classes), np.float32)
+        for index, logits in calls:
+            out[index] = np.asarray(logits)[:len(index)]
+        return out
+
+    def logits(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.gather(self.dispatch(rows), len(rows))
+
+
+class BucketedForward(_Calls):
     """Logits of token-id rows through executables compiled once per (batch, length) bucket."""
 
     def __init__(self, classifier: TextClassifier, batch_size: int,
                  devices: Sequence[jax.Device] | None = None):
-        self.config = classifier.config
         devices = list(devices if devices is not None else jax.local_devices())
+        super().__init__(classifier.config, batch_size, len(devices))
         self.mesh = Mesh(np.asarray(devices), ("data",))
-        self.batch_size = batch_size
-        self.batch_buckets = batch_buckets(batch_size, len(devices))
-        # Midpoint buckets (48, 96, ...) as in serving: a 33-token text pads to 48, not 64.
-        self.length_buckets = length_buckets(self.config.max_position_embeddings, midpoints=True)
         self._replicated = NamedSharding(self.mesh, P())
         self._rows = NamedSharding(self.mesh, P("data"))
 
@@ -128,35 +164,27 @@ class BucketedForward:
                 logger.debug("compiled bucket batch %d x length %d", batch, length)
             return self._executables[key]
 
-    def plan(self, lengths: Sequence[int]) -> list[tuple[np.ndarray, int, int]]:
-        """(row indices, batch bucket, length bucket) per call: rows by length, batch_size at a time."""
-        order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
-        calls = []
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            longest = int(lengths[rows[-1]])  # sorted: the last row is the longest
-            calls.append((rows, bucket_for(len(rows), self.batch_buckets), bucket_for(longest, self.length_buckets)))
-        return calls
-
     def dispatch(self, rows: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, jax.Array]]:
         """Queue the compiled calls for these token rows; returns (row indices, logits on device) per call.
 
         JAX runs them asynchronously: the caller can prepare the next work while the devices compute.
         """
-        calls = []
-        for index, batch, length in self.plan([len(r) for r in rows]):
-            ids, mask = _pad([rows[i] for i in index], self.config.pad_token_id, batch, length)
-            logits = self.executable(batch, length)(
-                self._weights, jax.device_put(ids, self._rows), jax.device_put(mask, self._rows))
-            calls.append((index, logits))
-        return calls
+        return [(index, self.executable(*ids.shape)(self._weights, jax.device_put(ids, self._rows),
+                                                    jax.device_put(mask, self._rows)))
+                for index, ids, mask in self.padded_calls(rows)]
 
-    def gather(self, calls: list[tuple[np.ndarray, jax.Array]], num_rows: int) -> np.ndarray:
-        """float32 (num_rows, C) logits of dispatched calls, in the original row order."""
-        out = np.empty((num_rows, self.config.num_classes), np.float32)
-        for index, logits in calls:
-            out[index] = np.asarray(logits)[:len(index)]
-        return out
 
-    def logits(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        return self.gather(self.dispatch(rows), len(rows))
+class GraphForward(_Calls):
+    """Logits of token-id rows through a graph backend's runner (serve.onnx_backend.graph_runner), at
+    the same (batch, length) buckets; each call runs on this host's CPU when dispatched."""
+
+    num_devices = 1
+    compilations = 0  # nothing is XLA-compiled: the runtime plans each shape on its first run
+    compile_seconds = 0.0
+
+    def __init__(self, config: ModelConfig, batch_size: int, runner):
+        super().__init__(config, batch_size, 1)
+        self._run = runner.run
+
+    def dispatch(self, rows: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(index, self._run(ids.shape, ids, mask)) for index, ids, mask in self.padded_calls(rows)]

@@ -7,8 +7,9 @@ The pipeline, per process:
     read (Grain source, this process's shards only) -> tokenize (background thread, the tokenizer's
     thread pool; under long_text=chunks a long text becomes one token row per window of it) -> sort
     each sort window by length, cut into bucketed calls sharded over the local devices
-    (BucketedForward) -> pool each text's rows (chunks) -> softmax -> write the shard (one row per
-    input row), commit it, record it in the manifest
+    (BucketedForward; GraphForward under --backend onnxruntime|openvino, on the CPU) -> pool each
+    text's rows (chunks) -> softmax -> write the shard (one row per input row), commit it, record it
+    in the manifest
 
 Device calls are asynchronous: window k is dispatched before window k-1's results are written,
 so the host writes while the devices compute. Under jax.distributed (flags or the scheduler's
@@ -33,7 +34,7 @@ import numpy as np
 
 from jaxclf import classifier, model_dir
 from jaxclf.bulk import reader, summary as summaries
-from jaxclf.bulk.forward import BucketedForward
+from jaxclf.bulk.forward import BucketedForward, GraphForward
 from jaxclf.bulk.reader import BadRow, Chunk
 from jaxclf.bulk.spec import BulkConfig
 from jaxclf.bulk.writer import SUMMARY_FILE, OutputDir, ShardWriter, now_iso, shard_name
@@ -153,7 +154,8 @@ def job_settings(source: ModelSource, labels: Sequence[str], files: Sequence[rea
     return {"model_version": source.version, "labels": list(labels),
             "inputs": [f.fingerprint() for f in files], "text_field": config.text_field,
             "id_field": config.id_field, "shard_rows": config.shard_rows, "output_format": config.format,
-            "logits": config.logits, **({"dtype": config.dtype} if config.dtype else {})}
+            "logits": config.logits, **({"dtype": config.dtype} if config.dtype else {}),
+            **({"backend": config.backend} if config.backend != "jax" else {})}
 
 
 def _check_parquet(config: BulkConfig) -> None:
@@ -183,10 +185,15 @@ def run(model: str, inputs: Sequence[str], output: str | os.PathLike, config: Bu
     if config.compilation_cache:
         from jaxclf.serve.compilation import enable_compilation_cache
         enable_compilation_cache(config.compilation_cache)  # before loading: loading compiles too
-    clf = classifier.load(source.path, dtype=config.dtype)
+    clf = classifier.load(source.path, dtype=config.dtype, with_weights=config.backend == "jax")
     out.prepare(job_settings(source, clf.labels, files, config))
     done = out.committed()
-    forward = BucketedForward(clf, config.batch_size)
+    if config.backend == "jax":
+        forward = BucketedForward(clf, config.batch_size)
+    else:  # the exported graph on this host's CPU, as the serving engine runs it
+        from jaxclf.serve.onnx_backend import graph_runner
+        forward = GraphForward(clf.config, config.batch_size,
+                               graph_runner(config.backend, config.onnx_file, source.path, clf.config.dtype))
     run_record = {"started_at": now_iso(), "process_count": processes, "devices": forward.num_devices,
                   "startup_seconds": round(time.perf_counter() - started, 3), "predictions": 0, "seconds": 0.0,
                   "compile_seconds": 0.0}
@@ -207,7 +214,7 @@ def run(model: str, inputs: Sequence[str], output: str | os.PathLike, config: Bu
     return _finish(out, source, total_rows, config)
 
 
-def _stream(stream, forward: BucketedForward, assembler: _ShardAssembler, config: BulkConfig,
+def _stream(stream, forward: BucketedForward | GraphForward, assembler: _ShardAssembler, config: BulkConfig,
             progress: _Progress) -> int:
     """Run every chunk through the model into the assembler; returns the input's row count."""
     chunks = iter(stream)
@@ -241,7 +248,7 @@ def _stream(stream, forward: BucketedForward, assembler: _ShardAssembler, config
         chunks.close()
 
 
-def _write(pending: tuple[Chunk, list], forward: BucketedForward, assembler: _ShardAssembler,
+def _write(pending: tuple[Chunk, list], forward: BucketedForward | GraphForward, assembler: _ShardAssembler,
            progress: _Progress) -> None:
     chunk, calls = pending
     assembler.run["compile_seconds"] = round(forward.compile_seconds, 3)  # saved with the next commit

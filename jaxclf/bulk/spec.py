@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxclf.config import DTYPES, ConfigError, check_dtype_override
+from jaxclf.config import DTYPES, ConfigError
+from jaxclf.serve.config import BACKENDS, check_backend
 
 INPUT_FORMATS = ("csv", "jsonl", "text", "array_record")
 OUTPUT_FORMATS = ("jsonl", "parquet")
@@ -26,6 +27,11 @@ class BulkConfig:
     dtype: str | None = dataclasses.field(default=None, metadata={
         "help": "compute dtype, as jaxclf serve's --dtype: none keeps the model's; bfloat16 pays on CPUs with "
                 "AMX or AVX512-BF16 (README, 'Reduced precision')", "choices": DTYPES})
+    backend: str = dataclasses.field(default="jax", metadata={
+        "help": "what runs the forward, as jaxclf serve's --backend: jax (XLA, every local device), or "
+                "onnxruntime or openvino (the graph `jaxclf export-onnx` wrote, --onnx-file; this host's CPU)",
+        "choices": BACKENDS})
+    onnx_file: str | None = None  # the graph the onnxruntime and openvino backends run; none: MODEL_DIR/model.onnx
     compilation_cache: str | None = None  # persistent XLA compilation cache directory, as jaxclf serve's; none: off
     restart: bool = False  # delete this output directory's earlier shards and start the job over
     progress: bool | None = None  # progress bar on stderr; none: only when stderr is a terminal
@@ -37,7 +43,7 @@ class BulkConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.input_format is not None and self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"input_format {self.input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
-        check_dtype_override(self.dtype)
+        check_backend(self.backend, self.onnx_file, self.dtype)
         if self.format not in OUTPUT_FORMATS:
             raise ConfigError(f"format {self.format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
         if not self.text_field:

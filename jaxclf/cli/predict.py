@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--output needs --input FILE_OR_GLOB")
     if not args.input and not args.texts:
         p.error("give texts to classify ('-' for stdin), or --input FILE_OR_GLOB --output DIR")
+    if args.texts and (getattr(args, "backend", "jax") != "jax" or getattr(args, "onnx_file", None)):
+        p.error("--backend and --onnx-file are for the bulk form (--input/--output); the quick form runs JAX")
     return args
 
 

@@ -56,6 +56,21 @@ def override(config: Config, **changes: Any) -> Config:
     return dataclasses.replace(config, **changes)
 
 
+def check_backend(backend: str, onnx_file: str | None, dtype: str | None, device: str = "auto") -> None:
+    """The backend settings a serving engine (EngineConfig) and a bulk job (BulkConfig) share."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if onnx_file is not None and backend not in GRAPH_BACKENDS:
+        raise ConfigError(f"onnx_file={onnx_file!r} is read only by backend='onnxruntime' or 'openvino' "
+                          f"(backend is {backend!r})")
+    check_dtype_override(dtype)
+    if backend == "onnxruntime" and dtype not in (None, "float32"):
+        raise ConfigError(f"dtype={dtype!r} is for backend='jax' or 'openvino'; the ONNX Runtime "
+                          f"backend runs the exported float32 graph")
+    if backend in GRAPH_BACKENDS and device not in ("auto", "cpu"):
+        raise ConfigError(f"backend={backend!r} runs on the CPU; device={device!r} needs backend='jax'")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How an InferenceEngine runs one model: device, compiled shapes, batcher, result cache, deadlines."""
@@ -92,17 +107,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.onnx_file is not None and self.backend not in GRAPH_BACKENDS:
-            raise ConfigError(f"onnx_file={self.onnx_file!r} is read only by backend='onnxruntime' or 'openvino' "
-                              f"(backend is {self.backend!r})")
-        check_dtype_override(self.dtype)
-        if self.backend == "onnxruntime" and self.dtype not in (None, "float32"):
-            raise ConfigError(f"dtype={self.dtype!r} is for backend='jax' or 'openvino'; the ONNX Runtime "
-                              f"backend runs the exported float32 graph")
-        if self.backend in GRAPH_BACKENDS and self.device not in ("auto", "cpu"):
-            raise ConfigError(f"backend={self.backend!r} runs on the CPU; device={self.device!r} needs backend='jax'")
+        check_backend(self.backend, self.onnx_file, self.dtype, self.device)
         _positive(self, "max_batch_size", "max_queue_size", "batch_workers")
         _positive(self, "cache_size", "cache_max_bytes", allow_zero=True)
         _positive(self, "max_wait_ms", allow_zero=True, integer=False)

@@ -139,10 +139,8 @@ class InferenceEngine:
         self.classifier.model.eval()  # dropout off
         self.backend = self.engine_config.backend
         if self.backend in GRAPH_BACKENDS:  # the exported graph, behind the same buckets (serve.onnx_backend)
-            from jaxclf.serve.onnx_backend import OnnxRuntimeBuckets, OpenVinoBuckets, default_onnx_file
-            onnx_file = self.engine_config.onnx_file or default_onnx_file(self.model_path)
-            runner = (OnnxRuntimeBuckets(onnx_file, self.model_path) if self.backend == "onnxruntime"
-                      else OpenVinoBuckets(onnx_file, self.model_path, self.config.dtype))
+            from jaxclf.serve.onnx_backend import graph_runner
+            runner = graph_runner(self.backend, self.engine_config.onnx_file, self.model_path, self.config.dtype)
             self._forward: Callable[[tuple[int, int], np.ndarray, np.ndarray], np.ndarray] = runner.run
             self._weights, self._buckets = None, [(b, t) for b in self.batch_buckets for t in self.length_buckets]
         else:

@@ -182,3 +182,15 @@ class OpenVinoBuckets:
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
         return np.array(request.infer(_feed(input_ids, attention_mask))[0])  # a copy: the request reuses its buffer
+
+
+def graph_runner(backend: str, onnx_file: str | os.PathLike | None, model_path: str | os.PathLike,
+                 dtype: str) -> OnnxRuntimeBuckets | OpenVinoBuckets:
+    """The runner of a graph backend (jaxclf.serve.config.GRAPH_BACKENDS) over `onnx_file`, by default
+    MODEL_DIR/model.onnx; `dtype` is the model's compute dtype (float32, or bfloat16 for OpenVINO)."""
+    onnx_file = onnx_file or default_onnx_file(model_path)
+    if backend == "onnxruntime":
+        return OnnxRuntimeBuckets(onnx_file, model_path)
+    if backend == "openvino":
+        return OpenVinoBuckets(onnx_file, model_path, dtype)
+    raise ConfigError(f"backend={backend!r} does not run an exported graph")
