@@ -10,6 +10,8 @@ On the same texts and the same model (random init, 4 layers, d_model 256, as the
   JSONL shards: reading, tokenizing, sorting, padding, the calls, softmax, writing and committing.
   Its rows/s is predictions over the job's seconds (start-up apart: imports, model load) with the
   compilation cache warm (a first, cold run fills it); the subprocess's peak RSS is reported too.
+- more bulk jobs (--job NAME=FLAGS): the same job with extra flags, e.g. another backend or dtype
+  (a graph backend gets the model exported once, `jaxclf export-onnx`), run after the default one.
 - server: scripts/serve.py (default settings), POST /predict/batch with --batch-texts texts per
   request from --clients threads, every text made unique so the result cache never answers.
 
@@ -19,6 +21,7 @@ interleaved (raw, bulk, server, raw, ...), and the median is reported.
 
     python benchmarks/bulk_predict.py                   # 30k texts, 3 rounds (~6 min on 2 cores)
     python benchmarks/bulk_predict.py --quick           # 8k texts, 1 round (~2 min)
+    python benchmarks/bulk_predict.py --job "bf16=--dtype bfloat16" --job "openvino=--backend openvino"
 """
 
 from __future__ import annotations
@@ -37,16 +40,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import int_list, markdown_table, median, write_results  # noqa: E402
-from server_process import ServerProcess, create_random_model_dir, sample_texts  # noqa: E402
+from server_process import ServerProcess, create_random_model_dir, export_onnx, sample_texts  # noqa: E402
+
+from jaxclf.serve.config import GRAPH_BACKENDS  # noqa: E402  (JAX-free)
 
 REPO = Path(__file__).resolve().parent.parent
 TWEETS = REPO / "data" / "tweets" / "test.jsonl"
+# The job's own peak: VmHWM of its address space. getrusage's ru_maxrss is not: Linux carries the
+# high-water mark over fork and exec, so every job reported this (536 MiB) process's peak.
 MEASURE_BULK = """
-import json, resource, sys
+import sys
 from jaxclf.cli import run_command
 from jaxclf.cli.predict import main
 code = run_command(main, sys.argv[1:])
-print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("PEAK_RSS_KIB", hwm, flush=True)
 sys.exit(code)
 """
 
@@ -59,11 +67,20 @@ def parse_args(argv=None):
     p.add_argument("--clients", type=int, default=4, help="client threads against /predict/batch")
     p.add_argument("--batch-texts", type=int, default=32, help="texts per /predict/batch request")
     p.add_argument("--server-texts", type=int, default=6000, help="texts sent to the server per round")
+    p.add_argument("--job", action="append", default=[], metavar="NAME=FLAGS",
+                   help="another bulk job variant, its extra `jaxclf predict` flags after the name "
+                        "(repeatable), e.g. 'openvino bf16=--backend openvino --dtype bfloat16'")
     p.add_argument("--quick", action="store_true", help="8k texts, 1 round, 2k texts to the server")
     p.add_argument("--name", default="bulk_predict", help="result file name under benchmarks/results/")
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.rounds, args.server_texts = 8000, 1, 2000
+    args.jobs = {}
+    for spec in args.job:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name.strip():
+            p.error(f"--job takes NAME=FLAGS, got {spec!r}")
+        args.jobs[name.strip()] = flags.split()
     return args
 
 
@@ -105,10 +122,10 @@ def raw_forward_rates(prepared: dict[int, tuple], num_texts: int) -> dict[int, f
     return rates
 
 
-def bulk_job(model: Path, source: Path, out: Path, batch_size: int, cache: Path) -> dict:
+def bulk_job(model: Path, source: Path, out: Path, batch_size: int, cache: Path, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, "-c", MEASURE_BULK, "--model", str(model), "--input", str(source), "--output", str(out),
            "--id-field", "id", "--batch-size", str(batch_size), "--compilation-cache", str(cache), "--restart",
-           "--log-level", "WARNING"]
+           "--log-level", "WARNING", *extra]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - started
@@ -170,7 +187,16 @@ def main(argv=None) -> int:
 
     prepared = prepare_raw_calls(clf, texts, args.batch_sizes)
     cache = work / "xla-cache"
+    graph = work / "model.onnx"  # the export a --job on a graph backend runs
+    labels = {name: " ".join(flags) for name, flags in args.jobs.items()}  # as given, before --onnx-file
+    for name, flags in args.jobs.items():
+        if any(backend in flags for backend in GRAPH_BACKENDS) and "--onnx-file" not in flags:
+            if not graph.exists():
+                export_onnx(model, graph)
+            flags += ["--onnx-file", str(graph)]
     raw, bulk, served = [], [], []
+    jobs = {name: [] for name in args.jobs}
+    jobs_cold = {}
     best = None
     cold = None
     with ServerProcess(model, cache_dir=cache, log_dir=work) as server:
@@ -184,6 +210,11 @@ def main(argv=None) -> int:
                 print(f"cold bulk job: {cold}", flush=True)
             bulk.append(bulk_job(model, source, work / "out", best, cache))
             print(f"round {r}: bulk job {bulk[-1]}", flush=True)
+            for k, (name, flags) in enumerate(args.jobs.items()):
+                if name not in jobs_cold:  # its own buckets into the cache (the JAX ones), as for the default
+                    jobs_cold[name] = bulk_job(model, source, work / f"out-{k}", best, cache, flags)
+                jobs[name].append(bulk_job(model, source, work / f"out-{k}", best, cache, flags))
+                print(f"round {r}: bulk job {name}: {jobs[name][-1]}", flush=True)
             served.append(server_rate(server, texts[:args.server_texts], args, r))
             print(f"round {r}: /predict/batch {served[-1]:.0f} predictions/s", flush=True)
         server_rss = server.rss()
@@ -195,6 +226,10 @@ def main(argv=None) -> int:
              f"{median([x[b] for x in raw]) / raw_best:.2f}", ""] for b in args.batch_sizes]
     rows.append([f"jaxclf predict (bulk job, batch {best})", f"{bulk_rate:.0f}", f"{bulk_rate / raw_best:.2f}",
                  f"{median([b['peak_rss_mib'] for b in bulk]):.0f}"])
+    for name, runs in jobs.items():
+        rate = median([b["rows_per_s"] for b in runs])
+        rows.append([f"jaxclf predict {labels[name]} ({name}, batch {best})", f"{rate:.0f}",
+                     f"{rate / raw_best:.2f}", f"{median([b['peak_rss_mib'] for b in runs]):.0f}"])
     rows.append([f"server POST /predict/batch ({args.batch_texts} texts, {args.clients} clients)",
                  f"{server_median:.0f}", f"{server_median / raw_best:.2f}", f"{server_rss.get('VmHWM', 0):.0f}"])
     table = markdown_table(["variant", "predictions/s", "vs raw forward at its best batch", "peak RSS MiB"], rows)
@@ -211,7 +246,8 @@ def main(argv=None) -> int:
             f"{median([b['wall_seconds'] for b in bulk]):.1f} s wall.\n\n{table}")
     print(note)
     write_results(args.name, {"settings": vars(args), "raw_forward": raw, "best_batch": best,
-                              "bulk": bulk, "bulk_cold": cold, "server_predictions_per_s": served,
+                              "bulk": bulk, "bulk_cold": cold, "jobs": jobs, "jobs_cold": jobs_cold,
+                              "server_predictions_per_s": served,
                               "server_rss": server_rss}, note)
     return 0
 

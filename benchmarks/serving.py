@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 
 from common import (RESULTS, int_list as _ints, markdown_table, median, save_figure, subplots,  # noqa: E402
                     write_results)
-from server_process import (ServerProcess, create_random_model_dir, http_json, metric_sum,  # noqa: E402
+from server_process import (ServerProcess, create_random_model_dir, export_onnx, http_json, metric_sum,  # noqa: E402
                             resident_pages, sample_texts)
 
 from jaxclf.serve.config import GRAPH_BACKENDS, ServeConfig  # noqa: E402  (JAX-free: the server's defaults)
@@ -291,15 +291,6 @@ def first_requests(server: ServerProcess, label: str) -> dict[str, list[float]]:
             times.append((time.perf_counter() - started) * 1000)
         out[path] = times
     return out
-
-
-def export_onnx(model_dir: Path, graph: Path) -> None:
-    """`jaxclf export-onnx` in its own process: torch never enters this one (nor the servers)."""
-    import subprocess
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jaxclf", "export-onnx", "--model", str(model_dir), "--output", str(graph)],
-                   check=True, stdout=subprocess.DEVNULL)
-    print(f"exported {graph} in {time.perf_counter() - started:.1f}s for the graph backend server(s)", flush=True)
 
 
 # What serve.py's process holds before the engine loads: the interpreter, its imports, the JAX CPU client.
