@@ -357,9 +357,8 @@ def in_row_chunks(forward, input_ids: Array, attention_mask: Array, max_tokens: 
     Needs static shapes: call it under jit.
     """
     b, t = input_ids.shape
-    if max_tokens is None:
-        return forward(input_ids, attention_mask)
-    rows = max([r for r in range(1, b + 1) if b % r == 0 and r * t <= max_tokens], default=1)
+    rows = b if max_tokens is None else max(
+        [r for r in range(1, b + 1) if b % r == 0 and r * t <= max_tokens], default=1)
     if rows == b:
         return forward(input_ids, attention_mask)
     chunks = (input_ids.reshape(b // rows, rows, t), attention_mask.reshape(b // rows, rows, t))

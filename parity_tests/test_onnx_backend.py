@@ -27,7 +27,7 @@ from jaxclf.config import ConfigError  # noqa: E402
 from jaxclf.serve import EngineConfig, create_app  # noqa: E402
 from jaxclf.serve.engine import InferenceEngine  # noqa: E402
 from parity_tests import twins  # noqa: E402
-from parity_tests.test_bf16 import KL_BOUND, TIE_MARGIN, kl_divergence  # noqa: E402
+from parity_tests.test_bf16 import assert_within_bf16_bounds  # noqa: E402
 from parity_tests.test_onnx_export import EDGE_TEXTS, export, long_texts  # noqa: E402
 from parity_tests.twins import sample_texts  # noqa: E402
 
@@ -148,14 +148,7 @@ def test_openvino_in_bfloat16_stays_within_the_bf16_bounds_or_is_refused(exporte
     texts = sample_texts()[:40] + EDGE_TEXTS + long_texts()
     with InferenceEngine(exported_dir, **BUCKETS) as fp32, \
             InferenceEngine(exported_dir, **BUCKETS, backend="openvino", dtype="bfloat16") as bf16:
-        want, got = logits_of(fp32, texts), logits_of(bf16, texts)
-        kl = kl_divergence(want, got)
-        twins.record("openvino bf16 backend: KL(p_fp32 || p_bf16) max", kl.max())
-        twins.record("openvino bf16 backend: logits |fp32 - bf16| max", twins.max_abs(want, got))
-        assert 0 < twins.max_abs(want, got) and kl.max() <= KL_BOUND, (twins.max_abs(want, got), kl.max())
-        top2 = np.sort(want, axis=1)
-        clear = top2[:, -1] - top2[:, -2] > TIE_MARGIN
-        assert (want.argmax(1) == got.argmax(1))[clear].all()
+        assert_within_bf16_bounds("openvino bf16 backend", logits_of(fp32, texts), logits_of(bf16, texts))
         assert bf16.health_check()["dtype"] == "bfloat16"
 
 
